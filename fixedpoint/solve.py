@@ -1,0 +1,354 @@
+"""The one driver loop, and the layer-by-layer solve of a whole network.
+
+:func:`solve` owns everything that is not a solver's update rule: validation, the maximum
+number of steps, the termination test, the non-finite check, the exact prefix, per-sample
+residual traces, result codes and timing.
+
+Termination.  With ``X`` the iterate and ``G = F(X)``, the scaled residual of sample ``b`` is
+
+    ``ρ_b = max_{t, j} |G − X|_{t,b,j} / (atol + rtol·|G_{t,b,j}|)``
+
+and the solve stops when ``ρ_b < 1`` for every sample, returning ``G`` (one more Picard step
+than ``X``, so never worse).  Defaults for ``rtol``/``atol`` depend on the dtype
+(:data:`fixedpoint.solvers.base.DEFAULT_TOLERANCES`).
+
+Exact prefix.  If positions ``< p`` of ``X`` are exact, so is position ``p`` of ``G``: its
+predecessor is exact.  After every step the driver writes that exact value into the next
+iterate and stops evaluating the prefix.  So every solver terminates after at most ``T``
+iterations (finite termination), and the default ``max_steps`` is ``T``.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from fixedpoint.cells import check_floating
+from fixedpoint.errors import InputError, NoConvergence
+from fixedpoint.network import Network
+from fixedpoint.solvers import Picard, Solver
+from fixedpoint.system import SequenceSystem
+
+
+class Result(enum.Enum):
+    """How a solve ended.  Each value is a message that says what to do about it."""
+
+    successful = "converged: every position satisfies |F(S) − S| ≤ atol + rtol·|F(S)|"
+    max_steps_reached = (
+        "max_steps was reached before the tolerance was met; raise max_steps (T steps always "
+        "suffice, by finite termination) or loosen rtol/atol"
+    )
+    nonfinite = (
+        "an iterate became NaN or Inf; check that the sequential solution is finite (an "
+        "unstable relu network can overflow), or use Picard, or lower Anderson's mixing"
+    )
+
+    @property
+    def message(self) -> str:
+        return self.value
+
+
+@dataclass
+class Stats:
+    """What a solve measured.
+
+    Attributes:
+        iterations: evaluations of ``F`` over the active window.
+        residual: ``(B,)`` final scaled residual ``ρ_b`` (< 1 when converged).
+        residual_history: ``(k, B)`` scaled residual ``ρ_b`` at every iteration.
+        max_abs_residual_history: ``(k, B)`` unscaled ``max |F(X) − X|`` at every iteration.
+        exact_prefix: how many leading positions are exact by finite termination.
+        positions_evaluated: positions of ``F`` evaluated in all, ``Σ (T − p)``.
+        rate: observed convergence rate, the geometric mean of the last (up to 5) ratios
+            ``‖R_k‖_∞ / ‖R_{k−1}‖_∞`` of the batch-wide residual; ``None`` with < 2 iterations.
+        wall_time: seconds, synchronised on CUDA.
+        rtol, atol: the tolerances used.
+        solver: solver-specific counters (Anderson: ``plain_steps`` per sample …).
+        nonfinite_at: ``(iteration, position)`` of the first NaN/Inf, if any.
+    """
+
+    iterations: int
+    residual: Tensor
+    residual_history: Tensor
+    max_abs_residual_history: Tensor
+    exact_prefix: int
+    positions_evaluated: int
+    rate: float | None
+    wall_time: float
+    rtol: float
+    atol: float
+    solver: dict[str, Any] = field(default_factory=dict)
+    nonfinite_at: tuple[int, int] | None = None
+
+
+@dataclass
+class Solution:
+    """``value`` is ``S`` of shape ``(T, B, S)``; ``result`` says whether it is the solution."""
+
+    value: Tensor
+    result: Result
+    stats: Stats
+    system: SequenceSystem
+
+    @property
+    def converged(self) -> bool:
+        return self.result is Result.successful
+
+    @property
+    def hidden(self) -> Tensor:
+        """The outputs ``h_t``, ``(T, B, H)``."""
+        return self.system.cell.hidden_of(self.value)
+
+
+#: ``callback(iteration, iterate, image)``: called after every evaluation of ``F`` with the full
+#: iterate ``X (T, B, S)`` and the image on the active window ``(T − p, B, S)``.
+Callback = Callable[[int, Tensor, Tensor], None]
+
+
+def solve(
+    system: SequenceSystem,
+    solver: Solver | None = None,
+    *,
+    initial_guess: Tensor | None = None,
+    max_steps: int | None = None,
+    throw: bool = True,
+    callback: Callback | None = None,
+) -> Solution:
+    """Solve ``S = F(S)`` with ``solver`` (default :class:`~fixedpoint.solvers.Picard`).
+
+    Args:
+        system: the equation system.
+        solver: a solver configuration.
+        initial_guess: ``(T, B, S)`` first iterate (default zeros); not modified.
+        max_steps: most iterations (default ``T``, which always suffices).
+        throw: raise :class:`~fixedpoint.errors.NoConvergence` unless the solve succeeded;
+            with ``False`` the :class:`Solution` carries the result code instead.
+        callback: see :data:`Callback`.
+
+    Returns:
+        A :class:`Solution` whose ``value`` is the last image ``F(X)`` when converged.
+    """
+    solver = Picard() if solver is None else solver
+    if not isinstance(solver, Solver):
+        raise InputError(f"solver must be a Solver configuration such as Picard(), got {solver!r}")
+    steps, batch, _ = system.state_shape
+    if max_steps is None:
+        max_steps = steps
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise InputError(f"max_steps must be an integer ≥ 1, got {max_steps!r}")
+    if initial_guess is None:
+        iterate = torch.zeros(system.state_shape, dtype=system.initial_state.dtype, device=system.initial_state.device)
+    else:
+        check_floating("initial_guess", initial_guess)
+        if tuple(initial_guess.shape) != system.state_shape:
+            raise InputError(f"initial_guess must have shape {system.state_shape}, got {tuple(initial_guess.shape)}")
+        iterate = initial_guess.to(system.initial_state).clone()
+    rtol, atol = solver.tolerances(iterate.dtype)
+
+    _synchronize(iterate.device)
+    started = time.perf_counter()
+    iterate, state = solver.init(system, iterate)
+    prefix = 0
+    scaled_history: list[Tensor] = []
+    abs_history: list[Tensor] = []
+    positions_evaluated = 0
+    result = Result.max_steps_reached
+    nonfinite_at = None
+    iteration = 0
+    while iteration < max_steps:
+        iteration += 1
+        image = system.apply(iterate, start=prefix)  # (T − p, B, S)
+        positions_evaluated += steps - prefix
+        if callback is not None:
+            callback(iteration, iterate, image)
+        finite = torch.isfinite(image).flatten(1).all(1)  # (T − p,)
+        if not bool(finite.all()):
+            nonfinite_at = (iteration, prefix + int((~finite).nonzero()[0]))
+            result = Result.nonfinite
+            break
+        difference = (image - iterate[prefix:]).abs()
+        scaled = (difference / (atol + rtol * image.abs())).amax(dim=(0, 2))  # (B,)
+        scaled_history.append(scaled)
+        abs_history.append(difference.amax(dim=(0, 2)))
+        if bool((scaled < 1).all()):
+            iterate[prefix:] = image
+            result = Result.successful
+            break
+        next_window, state = solver.step(iterate[prefix:], image, state)
+        iterate[prefix:] = next_window
+        iterate[prefix] = image[0]  # exact: its predecessor was exact
+        prefix += 1
+        if prefix == steps:  # every position exact
+            result = Result.successful
+            break
+    _synchronize(iterate.device)
+    wall_time = time.perf_counter() - started
+
+    if scaled_history:
+        residual_history = torch.stack(scaled_history)
+        abs_residual_history = torch.stack(abs_history)
+    else:
+        residual_history = iterate.new_zeros(0, batch)
+        abs_residual_history = iterate.new_zeros(0, batch)
+    final_residual = residual_history[-1] if scaled_history else iterate.new_full((batch,), float("inf"))
+    if result is Result.successful and prefix == steps:
+        final_residual = torch.zeros_like(final_residual)
+    stats = Stats(
+        iterations=iteration,
+        residual=final_residual,
+        residual_history=residual_history,
+        max_abs_residual_history=abs_residual_history,
+        exact_prefix=prefix,
+        positions_evaluated=positions_evaluated,
+        rate=_observed_rate(abs_residual_history),
+        wall_time=wall_time,
+        rtol=rtol,
+        atol=atol,
+        solver=solver.statistics(state),
+        nonfinite_at=nonfinite_at,
+    )
+    solution = Solution(iterate, result, stats, system)
+    if throw and not solution.converged:
+        raise NoConvergence(solution)
+    return solution
+
+
+def _observed_rate(abs_history: Tensor, window: int = 5) -> float | None:
+    norms = abs_history.amax(dim=1) if abs_history.numel() else abs_history.new_zeros(0)
+    if norms.shape[0] < 2:
+        return None
+    recent = norms[-(window + 1) :]
+    first, last = float(recent[0]), float(recent[-1])
+    if first <= 0 or last <= 0:
+        return None
+    return (last / first) ** (1.0 / (recent.shape[0] - 1))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- whole networks ------------------------------------------------------------------------------
+@dataclass
+class NetworkSolution:
+    """A stacked, possibly bidirectional network solved layer by layer.
+
+    Attributes:
+        output: ``(T, B, D·H)`` (``(B, T, D·H)`` when ``batch_first``), as ``torch.nn`` returns.
+        h_n: ``(L·D, B, H)``.
+        c_n: ``(L·D, B, H)`` for LSTM, else ``None``.
+        layers: ``layers[l][d]`` is the :class:`Solution` of layer ``l``, direction ``d``.
+        wall_time: seconds for the whole network.
+    """
+
+    output: Tensor
+    h_n: Tensor
+    c_n: Tensor | None
+    layers: list[list[Solution]]
+    wall_time: float
+
+    @property
+    def solutions(self) -> list[Solution]:
+        return [solution for layer in self.layers for solution in layer]
+
+    @property
+    def result(self) -> Result:
+        """The first unsuccessful result code, or ``successful``."""
+        return next((s.result for s in self.solutions if not s.converged), Result.successful)
+
+    @property
+    def converged(self) -> bool:
+        return self.result is Result.successful
+
+    @property
+    def iterations(self) -> int:
+        """Iterations summed over every layer and direction (the work done)."""
+        return sum(s.stats.iterations for s in self.solutions)
+
+
+def solve_network(
+    network: Network,
+    inputs: Tensor,
+    hx: Tensor | tuple[Tensor, Tensor] | None = None,
+    solver: Solver | None = None,
+    *,
+    max_steps: int | None = None,
+    throw: bool = True,
+    callback: Callable[[int, int, int, Tensor, Tensor], None] | None = None,
+) -> NetworkSolution:
+    """Solve every layer and direction of ``network`` on ``inputs``, like ``module(inputs, hx)``.
+
+    Args:
+        network: the stacked cells.
+        inputs: ``(T, B, I)``, or ``(B, T, I)`` when ``network.batch_first``.
+        hx: initial states as ``torch.nn`` takes them: ``h_0 (L·D, B, H)``, for LSTM
+            ``(h_0, c_0)``; zeros when ``None``.
+        solver, max_steps, throw: as for :func:`solve`, per layer and direction.
+        callback: ``callback(layer, direction, iteration, iterate, image)``.
+
+    The reverse direction is the same system on the time-reversed input.  Layer ``l + 1``
+    takes the solved outputs of layer ``l``, so it starts only when layer ``l`` is done.
+    """
+    check_floating("inputs", inputs)
+    if inputs.dim() != 3:
+        raise InputError(f"inputs must be 3-D, got shape {tuple(inputs.shape)}")
+    sequence = inputs.transpose(0, 1) if network.batch_first else inputs
+    batch = sequence.shape[1]
+    initial = _initial_states(network, hx, batch)
+    _synchronize(sequence.device)
+    started = time.perf_counter()
+    layers: list[list[Solution]] = []
+    finals: list[Tensor] = []
+    layer_input = sequence
+    for layer_index, layer in enumerate(network.cells):
+        solutions = []
+        outputs = []
+        for direction, cell in enumerate(layer):
+            index = layer_index * network.num_directions + direction
+            direction_input = layer_input.flip(0) if direction else layer_input
+            system = SequenceSystem.build(cell, direction_input, initial[index])
+            hook = None
+            if callback is not None:
+                hook = lambda k, x, g, l=layer_index, d=direction: callback(l, d, k, x, g)  # noqa: E731
+            solution = solve(system, solver, max_steps=max_steps, throw=throw, callback=hook)
+            solutions.append(solution)
+            hidden = solution.hidden
+            outputs.append(hidden.flip(0) if direction else hidden)
+            finals.append(solution.value[-1])
+        layers.append(solutions)
+        layer_input = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+    _synchronize(sequence.device)
+    wall_time = time.perf_counter() - started
+    final_states = torch.stack(finals)  # (L·D, B, S)
+    hidden_size = network.hidden_size
+    output = layer_input.transpose(0, 1) if network.batch_first else layer_input
+    c_n = final_states[..., hidden_size:] if network.kind == "lstm" else None
+    return NetworkSolution(output, final_states[..., :hidden_size], c_n, layers, wall_time)
+
+
+def _initial_states(network: Network, hx: Any, batch: int) -> list[Tensor | None]:
+    """Per (layer, direction) initial state ``(B, S)`` from ``torch.nn``'s ``hx`` layout."""
+    count = network.num_layers * network.num_directions
+    if hx is None:
+        return [None] * count
+    expected = (count, batch, network.hidden_size)
+    if network.kind == "lstm":
+        if not (isinstance(hx, tuple) and len(hx) == 2):
+            raise InputError("an LSTM takes hx = (h_0, c_0)")
+        parts = hx
+    else:
+        if isinstance(hx, tuple):
+            raise InputError(f"a {network.kind} network takes hx = h_0, a single tensor")
+        parts = (hx,)
+    for name, part in zip(("h_0", "c_0"), parts):
+        check_floating(name, part)
+        if tuple(part.shape) != expected:
+            raise InputError(f"{name} must have shape {expected}, got {tuple(part.shape)}")
+    states = torch.cat(parts, dim=-1)  # (L·D, B, S)
+    return list(states.unbind(0))
