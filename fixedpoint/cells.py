@@ -106,18 +106,29 @@ class Cell(ABC):
         return self.weight_hh.device
 
     # -- evaluation --------------------------------------------------------------------------
-    def input_projection(self, inputs: Tensor) -> Tensor:
-        """``W_ih x + b_ih`` for all positions at once: ``(T, B, I) → (T, B, G·H)``."""
-        if self.bias_ih is None:
-            return inputs @ self.weight_ih.T
-        return torch.addmm(self.bias_ih, inputs.reshape(-1, inputs.shape[-1]), self.weight_ih.T).view(
-            *inputs.shape[:-1], -1
-        )
+    def folded_bias(self) -> Tensor | None:
+        """The part of ``b_ih + b_hh`` that can be added once with the input projection.
 
-    def recurrent_projection(self, hidden: Tensor) -> Tensor:
-        """``W_hh h + b_hh``: ``(..., H) → (..., G·H)``."""
-        out = hidden @ self.weight_hh.T
-        return out if self.bias_hh is None else out + self.bias_hh
+        Both biases enter every gate additively, except GRU's ``b_hn``, which sits inside
+        ``r ⊙ (W_hn h + b_hn)``; GRU overrides this.
+        """
+        return None if self.bias_ih is None else self.bias_ih + self.bias_hh
+
+    def input_projection(self, inputs: Tensor) -> Tensor:
+        """``W_ih x + (folded biases)`` for all positions at once: ``(T, B, I) → (T, B, G·H)``."""
+        bias = self.folded_bias()
+        flat = inputs.reshape(-1, inputs.shape[-1])
+        out = flat @ self.weight_ih.T if bias is None else torch.addmm(bias, flat, self.weight_ih.T)
+        return out.view(*inputs.shape[:-1], -1)
+
+    def preactivation(self, hidden: Tensor, projected_input: Tensor) -> Tensor:
+        """``projected_input + W_hh h`` in one fused product: ``(..., H), (..., G·H) → (..., G·H)``."""
+        flat = torch.addmm(
+            projected_input.reshape(-1, projected_input.shape[-1]),
+            hidden.reshape(-1, hidden.shape[-1]),
+            self.weight_hh.T,
+        )
+        return flat.view(projected_input.shape)
 
     @abstractmethod
     def step(self, state: Tensor, projected_input: Tensor) -> Tensor:
@@ -164,8 +175,8 @@ class ElmanCell(Cell):
         return ElmanCell(**fields, nonlinearity=self.nonlinearity)
 
     def step(self, state: Tensor, projected_input: Tensor) -> Tensor:
-        pre = projected_input + self.recurrent_projection(state)
-        return torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
+        pre = self.preactivation(state, projected_input)
+        return pre.tanh_() if self.nonlinearity == "tanh" else pre.relu_()
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,12 +186,21 @@ class GRUCell(Cell):
     gate_count: ClassVar[int] = 3
     kind: ClassVar[str] = "gru"
 
+    def folded_bias(self) -> Tensor | None:
+        if self.bias_ih is None:
+            return None
+        hidden = self.hidden_size
+        return torch.cat((self.bias_ih[: 2 * hidden] + self.bias_hh[: 2 * hidden], self.bias_ih[2 * hidden :]))
+
     def step(self, state: Tensor, projected_input: Tensor) -> Tensor:
-        x_r, x_z, x_n = projected_input.chunk(3, dim=-1)
-        h_r, h_z, h_n = self.recurrent_projection(state).chunk(3, dim=-1)
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        n = torch.tanh(x_n + r * h_n)
+        hidden = self.hidden_size
+        recurrent = state @ self.weight_hh.T  # (..., 3H)
+        rz = torch.sigmoid(projected_input[..., : 2 * hidden] + recurrent[..., : 2 * hidden])
+        r, z = rz[..., :hidden], rz[..., hidden:]
+        q = recurrent[..., 2 * hidden :]
+        if self.bias_hh is not None:
+            q = q + self.bias_hh[2 * hidden :]
+        n = torch.tanh(torch.addcmul(projected_input[..., 2 * hidden :], r, q))
         return n + z * (state - n)  # (1 − z) ⊙ n + z ⊙ h
 
 
@@ -203,10 +223,11 @@ class LSTMCell(Cell):
         return state[..., self.hidden_size :]
 
     def step(self, state: Tensor, projected_input: Tensor) -> Tensor:
-        h, c = state.split(self.hidden_size, dim=-1)
-        gates = projected_input + self.recurrent_projection(h)
+        hidden = self.hidden_size
+        h, c = state[..., :hidden], state[..., hidden:]
+        gates = self.preactivation(h, projected_input)
         i, f, g, o = gates.chunk(4, dim=-1)
-        c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        c_next = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
         h_next = torch.sigmoid(o) * torch.tanh(c_next)
         return torch.cat((h_next, c_next), dim=-1)
 

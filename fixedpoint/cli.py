@@ -1,0 +1,340 @@
+"""``fixedpoint`` command line.  Parses, resolves options, formats; computes nothing itself.
+
+Exit status: 0 when the solve converged, 1 when it did not, 2 for bad usage or bad input
+(one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import sys
+from typing import Any, NoReturn, Sequence
+
+import torch
+
+from fixedpoint.compare import Comparison, compare_with_torch
+from fixedpoint.data import gaussian_inputs
+from fixedpoint.errors import InputError
+from fixedpoint.network import Network, load_network
+from fixedpoint.solvers import SOLVERS, Solver
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and a suggestion for a misspelt option."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            options = _option_strings(self)
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], options, n=1)
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        raise UsageError(message)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option string of ``parser`` and its subcommands."""
+    options = []
+    for action in parser._actions:
+        options += action.option_strings
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                options += _option_strings(subparser)
+    return options
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fixedpoint", description=__doc__.splitlines()[0], allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    solve = commands.add_parser(
+        "solve",
+        allow_abbrev=False,
+        help="solve a recurrent network as a fixed-point system and compare with torch.nn",
+        description="Solve S = F(S) for an Elman/GRU/LSTM network over a whole sequence and "
+        "compare the result and the time with torch.nn's own module on the same weights and inputs.",
+    )
+    model = solve.add_argument_group("model (random weights unless --weights)")
+    model.add_argument("--cell", choices=["elman", "gru", "lstm"], help="cell type (required without --weights)")
+    model.add_argument("--nonlinearity", choices=["tanh", "relu"], help="Elman nonlinearity (default tanh)")
+    model.add_argument("--hidden", type=_positive_int, help="hidden size H (default 64)")
+    model.add_argument("--input-size", type=_positive_int, help="input size I (default: hidden)")
+    model.add_argument("--layers", type=_positive_int, help="stacked layers (default 1)")
+    model.add_argument("--bidirectional", action="store_true", default=None, help="two directions per layer")
+    model.add_argument("--scale", type=_nonnegative_float, help="multiply every W_hh by this (default 1)")
+    model.add_argument("--weights", metavar="PATH", help="torch.save file of an RNN/GRU/LSTM module or state_dict")
+    data = solve.add_argument_group("inputs (N(0, 1) from --seed unless --inputs)")
+    data.add_argument("--seq-len", type=_positive_int, help="sequence length T (default 512)")
+    data.add_argument("--batch", type=_positive_int, help="batch size B (default 16)")
+    data.add_argument("--inputs", metavar="FILE.pt", help="torch.save file of a (T, B, input_size) tensor")
+    data.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (default 0)")
+    run = solve.add_argument_group("solver")
+    run.add_argument("--solver", choices=sorted(SOLVERS), default="picard", help="method (default picard)")
+    run.add_argument("--rtol", type=_nonnegative_float, help="relative tolerance (default: 1e-12 float64, 1e-6 float32)")
+    run.add_argument("--atol", type=_nonnegative_float, help="absolute tolerance (default: as rtol)")
+    run.add_argument("--max-iter", type=_positive_int, help="most iterations per layer (default T)")
+    run.add_argument("--damping", type=float, help="Picard damping in [0, 1) (default 0)")
+    run.add_argument("--memory", type=_positive_int, help="Anderson memory (default 5)")
+    run.add_argument("--dtype", choices=sorted(DTYPES), help="float32 or float64 (default: that of the files, else float64)")
+    run.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="default auto: cuda if available")
+    run.add_argument("--repeat", type=_positive_int, default=1, help="timed repetitions, median reported (default 1)")
+    run.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    return parser
+
+
+# -- option resolution ---------------------------------------------------------------------------
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: CUDA is not available on this machine (torch "
+                         f"{torch.__version__}); use --device cpu or auto")
+    return torch.device(choice)
+
+
+def _load_inputs(path: str) -> torch.Tensor:
+    try:
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise InputError(f"inputs file not found: {path}") from error
+    except Exception as error:  # torch raises several types for unreadable files
+        raise InputError(f"cannot read {path} as a torch.save file of a tensor: {type(error).__name__}") from error
+    if not isinstance(tensor, torch.Tensor):
+        raise InputError(f"{path} holds a {type(tensor).__name__}; expected a (T, B, input_size) tensor")
+    if tensor.dim() != 3:
+        raise InputError(f"{path} holds a tensor of shape {tuple(tensor.shape)}; expected (T, B, input_size)")
+    if not tensor.is_floating_point():
+        raise InputError(f"{path} holds a {tensor.dtype} tensor; expected float32 or float64")
+    return tensor
+
+
+def _check_agrees(flag: str, given: Any, actual: Any, source: str) -> None:
+    if given is not None and given != actual:
+        raise InputError(f"{flag} {given} conflicts with {source} ({actual}); drop the flag or change it")
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Network, torch.Tensor, Solver, str]:
+    """The network, inputs (T, B, I) and solver the options describe."""
+    device = _device(args.device)
+    inputs = _load_inputs(args.inputs) if args.inputs else None
+    if args.weights:
+        if args.scale is not None:
+            raise InputError("--scale applies to random weights; it cannot be combined with --weights")
+        network = load_network(args.weights, nonlinearity=args.nonlinearity)
+        network = Network(network.cells, batch_first=False)  # inputs here are (T, B, I)
+        source = f"the weights in {args.weights}"
+        _check_agrees("--cell", args.cell, network.kind, source)
+        _check_agrees("--hidden", args.hidden, network.hidden_size, source)
+        _check_agrees("--input-size", args.input_size, network.input_size, source)
+        _check_agrees("--layers", args.layers, network.num_layers, source)
+        _check_agrees("--bidirectional", args.bidirectional, network.bidirectional or None, source)
+    else:
+        if args.cell is None:
+            raise InputError("choose a cell with --cell {elman,gru,lstm}, or give --weights")
+        if args.cell != "elman" and args.nonlinearity is not None:
+            raise InputError("--nonlinearity applies to --cell elman only")
+        hidden = args.hidden or 64
+        input_size = args.input_size or (inputs.shape[-1] if inputs is not None else hidden)
+        network = Network.random(
+            args.cell,
+            input_size,
+            hidden,
+            num_layers=args.layers or 1,
+            bidirectional=bool(args.bidirectional),
+            nonlinearity=args.nonlinearity or "tanh",
+            scale=1.0 if args.scale is None else args.scale,
+            seed=args.seed,
+        )
+    dtype = _resolve_dtype(args, network, inputs)
+    network = network.to(dtype=dtype, device=device)
+    if inputs is None:
+        inputs = gaussian_inputs(args.seq_len or 512, args.batch or 16, network.input_size, seed=args.seed + 1)
+    else:
+        _check_agrees("--seq-len", args.seq_len, inputs.shape[0], f"the inputs in {args.inputs}")
+        _check_agrees("--batch", args.batch, inputs.shape[1], f"the inputs in {args.inputs}")
+        _check_agrees("--input-size", network.input_size, inputs.shape[2], f"the inputs in {args.inputs}")
+    inputs = inputs.to(dtype=dtype, device=device)
+    return network, inputs, _solver(args), _describe_dtype_source(args)
+
+
+def _resolve_dtype(args: argparse.Namespace, network: Network, inputs: torch.Tensor | None) -> torch.dtype:
+    """``--dtype`` if given; else the files' dtype (which must agree); else float64."""
+    if args.dtype:
+        return DTYPES[args.dtype]
+    found = {}
+    if args.weights:
+        found["weights"] = network.dtype
+    if inputs is not None:
+        found["inputs"] = inputs.dtype
+    if len(set(found.values())) > 1:
+        raise InputError(
+            f"the weights are {found['weights']} but the inputs are {found['inputs']}; choose one with --dtype"
+        )
+    dtype = next(iter(found.values()), torch.float64)
+    if dtype not in DTYPES.values():
+        raise InputError(f"the files hold {dtype} tensors; pass --dtype float32 or float64 to convert")
+    return dtype
+
+
+def _describe_dtype_source(args: argparse.Namespace) -> str:
+    if args.dtype:
+        return "--dtype"
+    return "the files" if (args.weights or args.inputs) else "default"
+
+
+def _solver(args: argparse.Namespace) -> Solver:
+    if args.damping is not None and args.solver != "picard":
+        raise InputError("--damping applies to --solver picard only")
+    if args.memory is not None and args.solver != "anderson":
+        raise InputError("--memory applies to --solver anderson only")
+    if args.atol is not None or args.rtol is not None:
+        # One given, the other not: use the given value for both rather than mixing scales.
+        rtol = args.rtol if args.rtol is not None else args.atol
+        atol = args.atol if args.atol is not None else args.rtol
+    else:
+        rtol = atol = None
+    options: dict[str, Any] = {"rtol": rtol, "atol": atol}
+    if args.solver == "picard" and args.damping is not None:
+        options["damping"] = args.damping
+    if args.solver == "anderson" and args.memory is not None:
+        options["memory"] = args.memory
+    return SOLVERS[args.solver](**options)
+
+
+# -- formatting ----------------------------------------------------------------------------------
+def _report(network: Network, inputs: torch.Tensor, solver: Solver, comparison: Comparison, dtype_source: str) -> dict[str, Any]:
+    solution = comparison.solution
+    solutions = solution.solutions
+    first_stats = solutions[0].stats
+    return {
+        "cell": network.kind,
+        "nonlinearity": network.nonlinearity,
+        "seq_len": inputs.shape[0],
+        "batch": inputs.shape[1],
+        "hidden": network.hidden_size,
+        "input_size": network.input_size,
+        "layers": network.num_layers,
+        "bidirectional": network.bidirectional,
+        "dtype": str(network.dtype).removeprefix("torch."),
+        "dtype_source": dtype_source,
+        "device": str(inputs.device),
+        "solver": solver.name,
+        "rtol": first_stats.rtol,
+        "atol": first_stats.atol,
+        "converged": solution.converged,
+        "result": solution.result.name,
+        "message": solution.result.message,
+        "iterations": solution.iterations,
+        "iterations_per_solve": [s.stats.iterations for s in solutions],
+        "residual": max(float(s.stats.residual.max()) for s in solutions),
+        "max_abs_diff": comparison.max_abs_diff,
+        "solver_seconds": comparison.solver_seconds,
+        "reference_seconds": comparison.reference_seconds,
+        "time_ratio": comparison.time_ratio,
+        "repeats": comparison.repeats,
+        "residual_history": [s.stats.residual_history.amax(dim=1).tolist() for s in solutions],
+        "solver_stats": [s.stats.solver for s in solutions],
+        "torch_version": torch.__version__,
+    }
+
+
+def _format_table(report: dict[str, Any]) -> str:
+    nonlinearity = f"({report['nonlinearity']})" if report["nonlinearity"] else ""
+    direction = ", bidirectional" if report["bidirectional"] else ""
+    per_solve = report["iterations_per_solve"]
+    iterations = f"{report['iterations']}" + (f" ({' + '.join(map(str, per_solve))})" if len(per_solve) > 1 else "")
+    status = "yes" if report["converged"] else f"NO: {report['message']}"
+    reference = {"elman": "RNN", "gru": "GRU", "lstm": "LSTM"}[report["cell"]]
+    rows = [
+        ("problem", f"{report['cell']}{nonlinearity}, T={report['seq_len']}, B={report['batch']}, "
+                    f"H={report['hidden']}, I={report['input_size']}, layers={report['layers']}{direction}"),
+        ("numbers", f"{report['dtype']} on {report['device']}"),
+        ("solver", f"{report['solver']} (rtol {report['rtol']:.0e}, atol {report['atol']:.0e})"),
+        ("converged", status),
+        ("iterations", iterations),
+        ("residual", f"{report['residual']:.2e} (scaled: < 1 is within tolerance)"),
+        ("max |diff|", f"{report['max_abs_diff']:.2e} against torch.nn.{reference}"),
+        ("time", f"{report['solver_seconds']:.4f} s solver, {report['reference_seconds']:.4f} s torch.nn "
+                 f"(ratio {report['time_ratio']:.2f}; median of {report['repeats']})"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+class _Progress:
+    """Iteration counter on a terminal's stderr, erased when done."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+
+    def __call__(self, layer: int, direction: int, iteration: int, iterate: Any, image: Any) -> None:
+        sys.stderr.write(f"\rlayer {layer} direction {direction}: iteration {iteration}/{self.total_steps} ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+
+def _run_solve(args: argparse.Namespace) -> int:
+    network, inputs, solver, dtype_source = _resolve(args)
+    progress = _Progress(args.max_iter or inputs.shape[0]) if sys.stderr.isatty() and not args.json else None
+    try:
+        comparison = compare_with_torch(
+            network, inputs, solver, repeats=args.repeat, max_steps=args.max_iter, callback=progress
+        )
+    finally:
+        if progress is not None:
+            progress.close()
+    report = _report(network, inputs, solver, comparison, dtype_source)
+    print(json.dumps(report) if args.json else _format_table(report))
+    return 0 if report["converged"] else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fixedpoint`` command; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "solve":
+            return _run_solve(args)
+        raise UsageError(f"unknown command {args.command!r}")
+    except (UsageError, InputError) as error:
+        print(f"fixedpoint: error: {error}", file=sys.stderr)
+        return 2
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+        print(f"fixedpoint: error: out of memory ({first_line}); lower --seq-len, --batch or --hidden", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

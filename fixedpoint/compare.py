@@ -1,0 +1,112 @@
+"""Solve a network and run ``torch.nn``'s own module on the same weights and inputs.
+
+This is the measurement behind ``fixedpoint solve`` and the benchmarks: the largest absolute
+difference to ``torch.nn`` (outputs and final states) and both times, taken in the same
+process, alternating, each after a warm-up (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from fixedpoint.network import Network
+from fixedpoint.solve import NetworkSolution, solve_network
+from fixedpoint.solvers import Solver
+
+
+@dataclass
+class Comparison:
+    """A solve beside ``torch.nn``.
+
+    Attributes:
+        solution: the last :class:`NetworkSolution` (from the last repetition).
+        max_abs_diff: ``max |·|`` over output, ``h_n`` (and ``c_n``) against ``torch.nn``.
+        solver_seconds: median wall time of :func:`solve_network` over the repetitions.
+        reference_seconds: median wall time of the ``torch.nn`` module's forward.
+        repeats: timed repetitions of each.
+    """
+
+    solution: NetworkSolution
+    max_abs_diff: float
+    solver_seconds: float
+    reference_seconds: float
+    repeats: int
+
+    @property
+    def time_ratio(self) -> float:
+        """``solver_seconds / reference_seconds`` (< 1: faster than ``torch.nn``)."""
+        return self.solver_seconds / self.reference_seconds
+
+
+def run_reference(module: torch.nn.Module, inputs: Tensor, hx: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``torch.nn`` forward without autograd: ``(output, h_n, c_n or None)``."""
+    with torch.no_grad():
+        output, final = module(inputs, hx)
+    if isinstance(final, tuple):
+        return output, final[0], final[1]
+    return output, final, None
+
+
+def max_abs_difference(solution: NetworkSolution, reference: tuple[Tensor, Tensor, Tensor | None]) -> float:
+    """Largest ``|solution − reference|`` over output, ``h_n`` and ``c_n``."""
+    output, h_n, c_n = reference
+    pairs = [(solution.output, output), (solution.h_n, h_n)]
+    if c_n is not None:
+        pairs.append((solution.c_n, c_n))
+    return max(float((a - b).abs().max()) for a, b in pairs)
+
+
+def compare_with_torch(
+    network: Network,
+    inputs: Tensor,
+    solver: Solver,
+    *,
+    hx: Any = None,
+    repeats: int = 1,
+    max_steps: int | None = None,
+    callback: Callable[..., None] | None = None,
+) -> Comparison:
+    """Solve ``network`` on ``inputs`` and compare with ``network.to_torch()``.
+
+    Both run once on a short prefix of the inputs first (warm-up), then ``repeats`` times each,
+    alternating.  Times are medians.  The solve does not raise on non-convergence: the
+    returned solution's ``result`` says how it ended.
+    """
+    module = network.to_torch()
+    warm_length = min(inputs.shape[1 if network.batch_first else 0], 8)
+    warm_inputs = inputs[:, :warm_length] if network.batch_first else inputs[:warm_length]
+    solve_network(network, warm_inputs, hx, solver, throw=False)
+    run_reference(module, warm_inputs, hx)
+
+    solver_times: list[float] = []
+    reference_times: list[float] = []
+    solution = None
+    reference = None
+    for _ in range(repeats):
+        solution = solve_network(network, inputs, hx, solver, max_steps=max_steps, throw=False, callback=callback)
+        solver_times.append(solution.wall_time)
+        reference, seconds = _timed(lambda: run_reference(module, inputs, hx), inputs.device)
+        reference_times.append(seconds)
+    return Comparison(
+        solution=solution,
+        max_abs_diff=max_abs_difference(solution, reference),
+        solver_seconds=statistics.median(solver_times),
+        reference_seconds=statistics.median(reference_times),
+        repeats=repeats,
+    )
+
+
+def _timed(function: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    value = function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return value, time.perf_counter() - started

@@ -1,0 +1,203 @@
+"""Figures from the plain data that the analysis scripts write; this module computes nothing.
+
+Every function takes a ``dict`` as read back from the JSON an ``analysis/`` script wrote (lists of
+floats, strings, ints) and a path, and writes one PNG.  It never solves or evaluates anything:
+the numbers on a figure are exactly the numbers in the JSON beside it.  The only operations on
+data here are reshaping and clipping values to the colour range.
+
+Figures are drawn on :class:`matplotlib.figure.Figure` objects directly, without ``pyplot``, so
+importing this module neither selects nor changes a matplotlib backend.
+
+Data layouts (written by ``analysis/convergence.py``):
+
+``plot_residuals(data)``
+    ``data["config"]``: ``seq_len, batch, hidden_size, input_size, dtype, scale,
+    weight_seed, input_seed``; ``data["panels"]``: one per cell, each with ``title`` and
+    ``runs``, one per solver, each with ``label``, ``iterations``, ``result``,
+    ``residual_max_over_batch`` (length ``n``: ``max_b max|F(X_k) − X_k|`` for
+    ``k = 0 … n−1``) and optionally ``error_max`` (length ``n + 1``: ``max|X_k − S*|``,
+    the last entry being the returned solution) and ``draw_error`` (bool).
+
+``plot_wavefront(data)``
+    ``data["config"]`` as above; ``data["clip_floor"]``: the smallest value drawn;
+    ``data["panels"]``: each with ``cell``, ``solver_label``, ``scale``, ``iterations``,
+    ``result`` and ``error_per_position``: ``n + 1`` rows (``k = 0 … n``), each of ``T`` values
+    ``max_{b,j} |X_k[t] − S*[t]|``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib import colors
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+__all__ = ["config_caption", "plot_residuals", "plot_wavefront"]
+
+#: One colour per solver, shared by every figure.
+SOLVER_COLOURS: dict[str, str] = {"picard": "tab:blue", "anderson": "tab:orange"}
+
+
+def config_caption(config: Mapping[str, Any], *, seq_len: int | None = None) -> str:
+    """``"T=512, B=16, H=64, float64"`` from a figure's ``config`` entry."""
+    steps = config["seq_len"] if seq_len is None else seq_len
+    return f"T={steps}, B={config['batch']}, H={config['hidden_size']}, {config['dtype']}"
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> None:
+    directory = os.path.dirname(os.fspath(path))
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    figure.savefig(path, dpi=150)
+
+
+def _positive(values: Sequence[float]) -> np.ndarray:
+    """Values as an array with non-positive entries masked (NaN), so a log axis can show them."""
+    array = np.asarray(values, dtype=float)
+    return np.where(array > 0, array, np.nan)
+
+
+def plot_residuals(data: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """Residual ``max |F(X_k) − X_k|`` (log scale) against the iteration, one panel per cell.
+
+    Each panel shows every solver run of its cell as a solid line with the number of
+    iterations in the legend, and, for runs with ``draw_error``, the exact error
+    ``max |X_k − S*|`` against the sequential solution as a dashed line in the same colour.
+    A thin grey line marks ``atol``.
+
+    Args:
+        data: the ``"residuals"`` entry of ``convergence.json`` (layout in the module docstring).
+        path: where to write the PNG.
+
+    Returns:
+        The figure (already saved).
+    """
+    config = data["config"]
+    panels = data["panels"]
+    figure = Figure(figsize=(5.0 * len(panels), 4.6), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for axis, panel in zip(axes, panels):
+        _draw_residual_panel(axis, panel, config)
+    axes[0].set_ylabel("max over batch, positions, units (log scale)")
+    figure.suptitle(
+        f"Residual max|F(X_k) − X_k| (solid) and exact error max|X_k − S*| (dashed) per iteration; "
+        f"torch-default weights × {config['scale']:g}, weight seed {config['weight_seed']}, "
+        f"inputs N(0, 1) seed {config['input_seed']}",
+        fontsize=10,
+    )
+    _save(figure, path)
+    return figure
+
+
+def _draw_residual_panel(axis: Axes, panel: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    for run in panel["runs"]:
+        colour = SOLVER_COLOURS.get(run["solver"], None)
+        residual = _positive(run["residual_max_over_batch"])
+        status = "" if run["result"] == "successful" else f", {run['result']}"
+        (line,) = axis.plot(
+            np.arange(residual.size),
+            residual,
+            color=colour,
+            lw=1.8,
+            label=f"{run['label']}: {run['iterations']} iterations{status}",
+        )
+        if run.get("draw_error") and run.get("error_max") is not None:
+            error = _positive(run["error_max"])
+            axis.plot(
+                np.arange(error.size),
+                error,
+                color=line.get_color(),
+                lw=1.4,
+                ls="--",
+                label=f"{run['label']}: error max|X_k − S*|",
+            )
+    atol = panel.get("atol")
+    if atol is not None:
+        axis.axhline(atol, color="0.6", lw=0.8, ls=":", label=f"atol = {atol:g}")
+    axis.set_yscale("log")
+    axis.set_xlabel("iteration k (X_0 = 0)")
+    axis.set_title(f"{panel['title']}\n{config_caption(config)}", fontsize=10)
+    axis.grid(True, which="major", alpha=0.3)
+    axis.legend(fontsize=8, loc="lower left")
+
+
+def plot_wavefront(data: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """Heatmaps of ``log10 max_{b,j} |X_k[t] − S*[t]|`` over position ``t`` × iteration ``k``.
+
+    Panels are laid out with one row per solver and one column per weight scale, in the order
+    of ``data["panels"]``.  Values below ``data["clip_floor"]`` (exact zeros included) are drawn
+    at the floor colour.  The line ``t = k`` is drawn on each: by finite termination every
+    position left of it is exact.
+
+    Args:
+        data: the ``"wavefront"`` entry of ``convergence.json`` (layout in the module docstring).
+        path: where to write the PNG.
+
+    Returns:
+        The figure (already saved).
+    """
+    config = data["config"]
+    panels = data["panels"]
+    floor = float(data["clip_floor"])
+    solvers = list(dict.fromkeys(panel["solver_label"] for panel in panels))
+    scales = list(dict.fromkeys(panel["scale"] for panel in panels))
+    errors = [np.asarray(panel["error_per_position"], dtype=float) for panel in panels]
+    ceiling = max(float(np.max(error)) for error in errors)
+    norm = colors.LogNorm(vmin=floor, vmax=10 ** math.ceil(math.log10(max(ceiling, floor * 10))))
+
+    figure = Figure(figsize=(6.0 * len(scales) + 1.0, 4.2 * len(solvers)), layout="constrained")
+    grid = figure.subplots(len(solvers), len(scales), squeeze=False, sharex=True)
+    image = None
+    for panel, error in zip(panels, errors):
+        axis = grid[solvers.index(panel["solver_label"])][scales.index(panel["scale"])]
+        image = _draw_wavefront_panel(axis, panel, error, norm, floor, config)
+    for axis in grid[-1]:
+        axis.set_xlabel("position t")
+    for row in grid:
+        row[0].set_ylabel("iteration k")
+    colourbar = figure.colorbar(image, ax=grid, shrink=0.9, extend="min")
+    colourbar.set_label(f"max over batch and units |X_k[t] − S*[t]|  (values < {floor:g}, incl. 0, at floor)")
+    figure.suptitle(
+        f"Error wavefront: {panels[0]['cell'].upper()}, weight seed {config['weight_seed']}, "
+        f"inputs N(0, 1) seed {config['input_seed']}; left of t = k every position is exact "
+        "(finite termination)",
+        fontsize=10,
+    )
+    _save(figure, path)
+    return figure
+
+
+def _draw_wavefront_panel(
+    axis: Axes,
+    panel: Mapping[str, Any],
+    error: np.ndarray,
+    norm: colors.Normalize,
+    floor: float,
+    config: Mapping[str, Any],
+) -> Any:
+    rows, steps = error.shape
+    image = axis.imshow(
+        np.clip(error, floor, None),
+        origin="lower",
+        aspect="auto",
+        interpolation="nearest",
+        norm=norm,
+        cmap="viridis",
+        extent=(-0.5, steps - 0.5, -0.5, rows - 0.5),
+    )
+    reach = min(rows - 1, steps - 1)
+    axis.plot([0, reach], [0, reach], color="white", lw=1.2, ls="--", label="t = k")
+    axis.set_xlim(-0.5, steps - 0.5)
+    axis.set_ylim(-0.5, rows - 0.5)
+    status = "" if panel["result"] == "successful" else f", {panel['result']}"
+    axis.set_title(
+        f"{panel['cell'].upper()}, {panel['solver_label']}, W_hh × {panel['scale']:g}: "
+        f"{panel['iterations']} iterations{status}\n{config_caption(config, seq_len=steps)}",
+        fontsize=10,
+    )
+    axis.legend(loc="upper right", fontsize=8, framealpha=0.8)
+    return image

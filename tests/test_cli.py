@@ -1,0 +1,176 @@
+"""`fixedpoint solve`: exit codes, JSON contract, files, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fixedpoint.cli import main
+
+REQUIRED_KEYS = {
+    "cell", "seq_len", "batch", "hidden", "layers", "dtype", "device", "solver", "converged",
+    "iterations", "residual", "max_abs_diff", "solver_seconds", "reference_seconds", "residual_history",
+}
+
+
+def run_json(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict]:
+    code = main(["solve", *argv, "--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+def run_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    code = main(["solve", *argv])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("cell", ["elman", "gru", "lstm"])
+@pytest.mark.parametrize("solver", ["sequential", "picard", "anderson"])
+def test_json_contract_and_exactness(capsys, cell, solver):
+    code, report = run_json(
+        capsys, "--cell", cell, "--seq-len", "37", "--batch", "3", "--hidden", "8", "--layers", "2",
+        "--solver", solver, "--device", "cpu",
+    )
+    assert code == 0
+    assert REQUIRED_KEYS <= set(report)
+    assert report["converged"] is True
+    assert (report["cell"], report["seq_len"], report["batch"], report["hidden"], report["layers"]) == (cell, 37, 3, 8, 2)
+    assert report["dtype"] == "float64" and report["device"] == "cpu" and report["solver"] == solver
+    assert report["max_abs_diff"] <= 1e-10
+    assert report["residual"] < 1
+    assert 2 <= report["iterations"] <= 2 * 37
+    assert len(report["residual_history"]) == 2
+    assert [len(h) for h in report["residual_history"]] == report["iterations_per_solve"]
+    assert report["solver_seconds"] > 0 and report["reference_seconds"] > 0
+
+
+def test_float32_and_bidirectional(capsys):
+    code, report = run_json(
+        capsys, "--cell", "gru", "--seq-len", "64", "--batch", "2", "--hidden", "6",
+        "--bidirectional", "--dtype", "float32", "--device", "cpu",
+    )
+    assert code == 0 and report["dtype"] == "float32" and report["bidirectional"] is True
+    assert report["max_abs_diff"] <= 1e-5
+    assert len(report["iterations_per_solve"]) == 2
+
+
+def test_not_converged_exits_1_and_says_so(capsys):
+    code, report = run_json(capsys, "--cell", "gru", "--seq-len", "100", "--hidden", "8", "--max-iter", "3")
+    assert code == 1
+    assert report["converged"] is False and report["result"] == "max_steps_reached"
+    assert report["iterations"] == 3
+    assert report["max_abs_diff"] > 1e-6  # honestly inexact
+    assert report["residual"] >= 1
+
+
+def test_human_table(capsys):
+    code = main(["solve", "--cell", "lstm", "--seq-len", "20", "--batch", "2", "--hidden", "4"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "converged   yes" in out and "against torch.nn.LSTM" in out
+
+
+def test_weights_and_inputs_files(capsys, tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    module = torch.nn.LSTM(5, 7, num_layers=2, bidirectional=True, dtype=torch.float64)
+    module_path, state_path, inputs_path = tmp_path / "m.pt", tmp_path / "sd.pt", tmp_path / "x.pt"
+    torch.save(module, module_path)
+    torch.save(module.state_dict(), state_path)
+    inputs = torch.randn(23, 4, 5, generator=generator, dtype=torch.float64)
+    torch.save(inputs, inputs_path)
+    with torch.no_grad():
+        expected, _ = module(inputs)
+    for path in (module_path, state_path):
+        code, report = run_json(capsys, "--weights", str(path), "--inputs", str(inputs_path))
+        assert code == 0
+        assert (report["cell"], report["hidden"], report["input_size"], report["layers"]) == ("lstm", 7, 5, 2)
+        assert (report["seq_len"], report["batch"], report["bidirectional"]) == (23, 4, True)
+        assert report["dtype"] == "float64" and report["dtype_source"] == "the files"
+        assert report["max_abs_diff"] <= 1e-10
+    # The same flags, agreeing with the files, are accepted.
+    code, _ = run_json(capsys, "--weights", str(state_path), "--inputs", str(inputs_path), "--cell", "lstm",
+                       "--hidden", "7", "--layers", "2", "--seq-len", "23")
+    assert code == 0
+    assert expected.shape == (23, 4, 14)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--cell", "gru", "--seq-lne", "5"], "did you mean --seq-len"),
+        (["--cell", "gur"], "invalid choice"),
+        (["--cell", "gru", "--hidden", "0"], "expected an integer ≥ 1"),
+        (["--cell", "gru", "--rtol", "nan"], "expected a finite number"),
+        (["--seq-len", "5"], "choose a cell"),
+        (["--cell", "gru", "--nonlinearity", "relu"], "applies to --cell elman only"),
+        (["--cell", "gru", "--damping", "0.5", "--solver", "anderson"], "--damping applies to --solver picard"),
+        (["--cell", "gru", "--damping", "1.0"], "damping must be"),
+        (["--cell", "gru", "--inputs", "/nonexistent/x.pt"], "inputs file not found"),
+        (["--weights", "/nonexistent/w.pt"], "weights file not found"),
+    ],
+)
+def test_usage_errors_are_one_line(capsys, argv, fragment):
+    assert fragment in run_error(capsys, *argv)
+
+
+def test_cuda_absent_is_a_usage_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    assert "CUDA is not available" in run_error(capsys, "--cell", "gru", "--device", "cuda")
+
+
+def test_conflicting_files_are_errors(capsys, tmp_path):
+    gru = torch.nn.GRU(4, 6, dtype=torch.float64)
+    weights = tmp_path / "gru.pt"
+    torch.save(gru.state_dict(), weights)
+    assert "--cell lstm conflicts" in run_error(capsys, "--weights", str(weights), "--cell", "lstm")
+    assert "--hidden 8 conflicts" in run_error(capsys, "--weights", str(weights), "--hidden", "8")
+    assert "--layers 2 conflicts" in run_error(capsys, "--weights", str(weights), "--layers", "2")
+    assert "--scale" in run_error(capsys, "--weights", str(weights), "--scale", "2")
+
+    bad_inputs = tmp_path / "x.pt"
+    torch.save(torch.randn(9, 2, 5, dtype=torch.float64), bad_inputs)
+    assert "input" in run_error(capsys, "--weights", str(weights), "--inputs", str(bad_inputs))
+
+    float32_inputs = tmp_path / "x32.pt"
+    torch.save(torch.randn(9, 2, 4), float32_inputs)
+    assert "choose one with --dtype" in run_error(capsys, "--weights", str(weights), "--inputs", str(float32_inputs))
+    code, report = run_json(capsys, "--weights", str(weights), "--inputs", str(float32_inputs), "--dtype", "float64")
+    assert code == 0 and report["dtype"] == "float64"
+
+    nan_inputs = tmp_path / "nan.pt"
+    x = torch.randn(9, 2, 4, dtype=torch.float64)
+    x[3, 1, 2] = float("nan")
+    torch.save(x, nan_inputs)
+    assert "NaN/Inf" in run_error(capsys, "--weights", str(weights), "--inputs", str(nan_inputs))
+
+    nan_weights = tmp_path / "nan_gru.pt"
+    state = gru.state_dict()
+    state["weight_hh_l0"][0, 0] = float("inf")
+    torch.save(state, nan_weights)
+    assert "NaN/Inf" in run_error(capsys, "--weights", str(nan_weights))
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    assert "cannot read" in run_error(capsys, "--weights", str(garbage))
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "fixedpoint", "solve", "--cell", "elman", "--nonlinearity", "relu",
+         "--seq-len", "9", "--batch", "2", "--hidden", "3", "--json"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["nonlinearity"] == "relu" and report["max_abs_diff"] <= 1e-10
