@@ -35,6 +35,7 @@ import numpy as np
 from matplotlib import colors
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
 __all__ = ["config_caption", "plot_residuals", "plot_wavefront"]
 
@@ -151,7 +152,7 @@ def plot_wavefront(data: Mapping[str, Any], path: str | os.PathLike) -> Figure:
 
     figure = Figure(figsize=(6.0 * len(scales) + 1.0, 4.2 * len(solvers)), layout="constrained")
     grid = figure.subplots(len(solvers), len(scales), squeeze=False, sharex=True)
-    image = None
+    image: AxesImage | None = None
     for panel, error in zip(panels, errors):
         axis = grid[solvers.index(panel["solver_label"])][scales.index(panel["scale"])]
         image = _draw_wavefront_panel(axis, panel, error, norm, floor, config)
@@ -178,7 +179,7 @@ def _draw_wavefront_panel(
     norm: colors.Normalize,
     floor: float,
     config: Mapping[str, Any],
-) -> Any:
+) -> AxesImage:
     rows, steps = error.shape
     image = axis.imshow(
         np.clip(error, floor, None),
@@ -190,7 +191,7 @@ def _draw_wavefront_panel(
         extent=(-0.5, steps - 0.5, -0.5, rows - 0.5),
     )
     reach = min(rows - 1, steps - 1)
-    axis.plot([0, reach], [0, reach], color="white", lw=1.2, ls="--", label="t = k")
+    axis.plot([0, reach], [0, reach], color="white", lw=1.2, ls="--", label="t = k (left of it: exact)")
     axis.set_xlim(-0.5, steps - 0.5)
     axis.set_ylim(-0.5, rows - 0.5)
     status = "" if panel["result"] == "successful" else f", {panel['result']}"

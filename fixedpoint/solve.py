@@ -106,7 +106,8 @@ class Solution:
 
 
 #: ``callback(iteration, iterate, image)``: called after every evaluation of ``F`` with the full
-#: iterate ``X (T, B, S)`` and the image on the active window ``(T − p, B, S)``.
+#: iterate ``X (T, B, S)`` and the image on the active window ``(T − p, B, S)``.  Both are the
+#: driver's working buffers, overwritten later: reduce them at once or keep a ``.clone()``.
 Callback = Callable[[int, Tensor, Tensor], None]
 
 

@@ -1,0 +1,272 @@
+"""Convergence study: Picard and Anderson on Elman/GRU/LSTM systems, and the Jacobi wavefront.
+
+Runs the package, writes every number the figures are drawn from to ``<out>/convergence.json``
+(with the metadata needed to reproduce it), then draws from that data:
+
+- ``convergence_residual.png``: ``max |F(X_k) − X_k|`` per iteration for Picard and
+  Anderson(memory=5) on each cell, with the exact error ``max |X_k − S*|`` of Picard (dashed),
+  where ``S*`` is the sequential solution.
+- ``picard_wavefront.png``: ``max_{b,j} |X_k[t] − S*[t]|`` per position ``t`` and iteration
+  ``k`` for the GRU, Picard and Anderson, at torch's default recurrent scale and scaled up.
+
+Iterates are indexed as in the driver: ``X_0`` is the initial guess (zeros) and the ``k``-th
+evaluation of ``F`` (``k = 1 … n``) is at ``X_{k−1}``.  The residual series has ``n`` entries
+(``k = 0 … n−1``); the error series have ``n + 1``, the last being the returned solution.
+
+Usage (from the repository root)::
+
+    .venv/bin/python analysis/convergence.py            # full size, writes figures/
+    .venv/bin/python analysis/convergence.py --quick    # tiny smoke test, writes to a temp dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from the source tree without installing
+    sys.path.insert(0, str(ROOT))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fixedpoint import Anderson, Network, Picard, SequenceSystem, Solver, solve  # noqa: E402
+from fixedpoint import plotting  # noqa: E402
+
+DTYPE = torch.float64
+CELLS = (("elman", "Elman (tanh)"), ("gru", "GRU"), ("lstm", "LSTM"))
+WAVEFRONT_CELL = "gru"
+WAVEFRONT_SCALES = (1.0, 3.0)
+CLIP_FLOOR = 1e-16
+WEIGHT_SEED = 0
+INPUT_SEED = 1
+
+FULL = {"seq_len": 512, "batch": 16, "hidden_size": 64, "input_size": 64, "wavefront_seq_len": 256}
+QUICK = {"seq_len": 32, "batch": 2, "hidden_size": 8, "input_size": 8, "wavefront_seq_len": 24}
+
+
+def _solvers() -> list[tuple[str, str, Solver]]:
+    """``(name, label, solver)`` for every solver compared, default tolerances."""
+    return [("picard", "Picard", Picard()), ("anderson", "Anderson (memory 5)", Anderson(memory=5))]
+
+
+def _system(kind: str, sizes: dict[str, int], seq_len: int, scale: float) -> SequenceSystem:
+    network = Network.random(
+        kind, sizes["input_size"], sizes["hidden_size"], scale=scale, seed=WEIGHT_SEED, dtype=DTYPE
+    )
+    generator = torch.Generator().manual_seed(INPUT_SEED)
+    inputs = torch.randn(seq_len, sizes["batch"], sizes["input_size"], generator=generator, dtype=DTYPE)
+    return SequenceSystem.build(network.cells[0][0], inputs)
+
+
+def _traced_solve(system: SequenceSystem, solver: Solver, exact: torch.Tensor) -> dict[str, Any]:
+    """Solve with a callback recording ``max_{b,j} |X_k[t] − S*[t]|`` for every iterate."""
+    per_position: list[torch.Tensor] = []
+
+    def record(iteration: int, iterate: torch.Tensor, image: torch.Tensor) -> None:
+        # `iterate` is the driver's live buffer (updated in place later): reduce it now.
+        per_position.append((iterate - exact).abs().amax(dim=(1, 2)))
+
+    solution = solve(system, solver, throw=False, callback=record)
+    per_position.append((solution.value - exact).abs().amax(dim=(1, 2)))  # the returned value
+    errors = torch.stack(per_position)  # (n + 1, T)
+    stats = solution.stats
+    # Finite termination: after k evaluations the first k positions of X_k are exact.
+    left_of_front = max(
+        (float(errors[k, :k].max()) for k in range(1, min(errors.shape[0], errors.shape[1] + 1))),
+        default=0.0,
+    )
+    return {
+        "solution": solution,
+        "errors": errors,
+        "summary": {
+            "iterations": stats.iterations,
+            "result": solution.result.name,
+            "exact_prefix": stats.exact_prefix,
+            "rtol": stats.rtol,
+            "atol": stats.atol,
+            "rate": stats.rate,
+            "solver_stats": stats.solver,
+            "final_error": float(errors[-1].max()),
+            "max_error_left_of_front": left_of_front,
+        },
+    }
+
+
+def _rounded(array: np.ndarray, digits: int = 4) -> list:
+    """Nested lists of floats with ``digits`` significant digits (keeps the JSON small)."""
+    return [[float(f"{value:.{digits}g}") for value in row] for row in array.tolist()]
+
+
+def _format(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def residual_study(sizes: dict[str, int], log: Any = print) -> dict[str, Any]:
+    """Picard vs Anderson on each cell at torch-default weights; data for ``plot_residuals``."""
+    config = {
+        "seq_len": sizes["seq_len"],
+        "batch": sizes["batch"],
+        "hidden_size": sizes["hidden_size"],
+        "input_size": sizes["input_size"],
+        "dtype": str(DTYPE).replace("torch.", ""),
+        "scale": 1.0,
+        "weight_seed": WEIGHT_SEED,
+        "input_seed": INPUT_SEED,
+        "inputs": "standard normal, torch.randn with torch.Generator().manual_seed(input_seed)",
+        "initial_state": "zeros",
+        "initial_guess": "zeros",
+    }
+    panels = []
+    for kind, title in CELLS:
+        system = _system(kind, sizes, sizes["seq_len"], 1.0)
+        exact = system.sequential()
+        runs = []
+        for name, label, solver in _solvers():
+            traced = _traced_solve(system, solver, exact)
+            stats = traced["solution"].stats
+            summary = traced["summary"]
+            runs.append(
+                {
+                    "solver": name,
+                    "label": label,
+                    **summary,
+                    "residual_max_over_batch": stats.max_abs_residual_history.amax(dim=1).tolist(),
+                    "residual_per_sample": stats.max_abs_residual_history.tolist(),
+                    "scaled_residual_max_over_batch": stats.residual_history.amax(dim=1).tolist(),
+                    "error_max": traced["errors"].amax(dim=1).tolist(),
+                    "draw_error": name == "picard",
+                }
+            )
+            log(
+                f"  {kind:5s} {name:8s} {summary['iterations']:4d} iterations, {summary['result']}, "
+                f"final max|S − S*| = {summary['final_error']:.2e}, rate {_format(summary['rate'])}"
+            )
+        panels.append({"cell": kind, "title": title, "atol": runs[0]["atol"], "runs": runs})
+    return {"config": config, "panels": panels}
+
+
+def wavefront_study(sizes: dict[str, int], log: Any = print) -> dict[str, Any]:
+    """Per-position error of every iterate for the GRU at two scales; data for ``plot_wavefront``."""
+    seq_len = sizes["wavefront_seq_len"]
+    config = {
+        "seq_len": seq_len,
+        "batch": sizes["batch"],
+        "hidden_size": sizes["hidden_size"],
+        "input_size": sizes["input_size"],
+        "dtype": str(DTYPE).replace("torch.", ""),
+        "scales": list(WAVEFRONT_SCALES),
+        "weight_seed": WEIGHT_SEED,
+        "input_seed": INPUT_SEED,
+        "inputs": "standard normal, torch.randn with torch.Generator().manual_seed(input_seed)",
+        "initial_state": "zeros",
+        "initial_guess": "zeros",
+    }
+    panels = []
+    for name, label, solver in _solvers():
+        for scale in WAVEFRONT_SCALES:
+            system = _system(WAVEFRONT_CELL, sizes, seq_len, scale)
+            traced = _traced_solve(system, solver, system.sequential())
+            summary = traced["summary"]
+            panels.append(
+                {
+                    "cell": WAVEFRONT_CELL,
+                    "solver": name,
+                    "solver_label": label,
+                    "scale": scale,
+                    **summary,
+                    "error_per_position": _rounded(traced["errors"].numpy()),
+                }
+            )
+            log(
+                f"  {WAVEFRONT_CELL} ×{scale:g} {name:8s} {summary['iterations']:4d} iterations, "
+                f"{summary['result']}, max error left of t = k: {summary['max_error_left_of_front']:.1e}"
+            )
+    return {"config": config, "clip_floor": CLIP_FLOOR, "panels": panels}
+
+
+def metadata(quick: bool, sizes: dict[str, int]) -> dict[str, Any]:
+    return {
+        "script": "analysis/convergence.py",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "sizes": sizes,
+        "dtype": str(DTYPE).replace("torch.", ""),
+        "weight_seed": WEIGHT_SEED,
+        "input_seed": INPUT_SEED,
+        "weights": "Network.random: torch.nn default U(−1/√H, 1/√H), W_hh multiplied by scale",
+        "tolerances": "solver defaults for the dtype (see fixedpoint.solvers.base.DEFAULT_TOLERANCES)",
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "matplotlib": matplotlib.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: figures/ of the repository; with --quick a new temporary directory)",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (seconds)")
+    args = parser.parse_args(argv)
+    if args.out is not None:
+        out = Path(args.out)
+    elif args.quick:
+        out = Path(tempfile.mkdtemp(prefix="fixedpoint-convergence-"))
+    else:
+        out = ROOT / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = dict(QUICK if args.quick else FULL)
+
+    started = time.perf_counter()
+    print(f"residuals: T={sizes['seq_len']}, B={sizes['batch']}, H={sizes['hidden_size']}, {DTYPE}")
+    residuals = residual_study(sizes)
+    residual_seconds = time.perf_counter() - started
+    print(f"wavefront: {WAVEFRONT_CELL}, T={sizes['wavefront_seq_len']}, scales {WAVEFRONT_SCALES}")
+    wavefront = wavefront_study(sizes)
+    compute_seconds = time.perf_counter() - started
+
+    data = {
+        "metadata": {
+            **metadata(args.quick, sizes),
+            "seconds": {"residual_study": round(residual_seconds, 2), "total_compute": round(compute_seconds, 2)},
+        },
+        "residuals": residuals,
+        "wavefront": wavefront,
+    }
+    json_path = out / "convergence.json"
+    with open(json_path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, separators=(",", ":"))
+        handle.write("\n")
+
+    # Draw from the JSON as written, so the figures show exactly what the file holds.
+    with open(json_path, encoding="utf-8") as handle:
+        stored = json.load(handle)
+    plotting.plot_residuals(stored["residuals"], out / "convergence_residual.png")
+    plotting.plot_wavefront(stored["wavefront"], out / "picard_wavefront.png")
+    total = time.perf_counter() - started
+    print(f"wrote {json_path}, {out / 'convergence_residual.png'}, {out / 'picard_wavefront.png'} ({total:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
