@@ -148,7 +148,12 @@ class Network:
             )
         if any(key.startswith("weight_hr") for key in state_dict):
             raise InputError("LSTM with proj_size > 0 is not supported")
+        for key, value in state_dict.items():
+            if not isinstance(value, Tensor):
+                raise InputError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
         weight_hh = state_dict["weight_hh_l0"]
+        if weight_hh.dim() != 2:
+            raise InputError(f"weight_hh_l0 must be a matrix, got shape {tuple(weight_hh.shape)}")
         hidden = weight_hh.shape[-1]
         gates = weight_hh.shape[0] // hidden if hidden else 0
         inferred = _KIND_OF_GATES.get(gates) if weight_hh.shape[0] == gates * hidden else None

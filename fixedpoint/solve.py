@@ -44,8 +44,9 @@ class Result(enum.Enum):
         "suffice, by finite termination) or loosen rtol/atol"
     )
     nonfinite = (
-        "an iterate became NaN or Inf; check that the sequential solution is finite (an "
-        "unstable relu network can overflow), or use Picard, or lower Anderson's mixing"
+        "an iterate became NaN or Inf: either the exact solution overflows (solve with "
+        "Sequential() to see), or the iterates overflowed on the way to a finite solution, as "
+        "they can on expanding relu networks; then use Sequential()"
     )
 
     @property
@@ -148,7 +149,9 @@ def solve(
         check_floating("initial_guess", initial_guess)
         if tuple(initial_guess.shape) != system.state_shape:
             raise InputError(f"initial_guess must have shape {system.state_shape}, got {tuple(initial_guess.shape)}")
-        iterate = initial_guess.to(system.initial_state).clone()
+        if initial_guess.dtype != system.initial_state.dtype or initial_guess.device != system.initial_state.device:
+            raise InputError("initial_guess must have the dtype and device of the system")
+        iterate = initial_guess.clone()
     rtol, atol = solver.tolerances(iterate.dtype)
 
     _synchronize(iterate.device)
@@ -173,7 +176,9 @@ def solve(
             result = Result.nonfinite
             break
         difference = (image - iterate[prefix:]).abs()
-        scaled = (difference / (atol + rtol * image.abs())).amax(dim=(0, 2))  # (B,)
+        tolerance = atol + rtol * image.abs()
+        # With atol = 0 a tolerance can be 0; an exactly zero difference then meets it.
+        scaled = torch.where(difference == 0, 0.0, difference / tolerance).amax(dim=(0, 2))  # (B,)
         scaled_history.append(scaled)
         abs_history.append(difference.amax(dim=(0, 2)))
         if bool((scaled < 1).all()):

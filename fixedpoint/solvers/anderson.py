@@ -48,7 +48,7 @@ class Anderson(Solver):
     """
 
     memory: int = 5
-    regularization: float = 1e-10
+    regularization: float = 0.0
     mixing: float = 1.0
     max_condition: float | None = None
     max_residual_growth: float = 1.0
@@ -103,10 +103,13 @@ class Anderson(Solver):
         eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
         trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
         regularized = gram + (self.regularization * trace / m)[:, None, None] * eye
+        finite = torch.isfinite(regularized).flatten(1).all(1) & torch.isfinite(rhs).all(1)
+        # Huge (finite) states can overflow the normal matrix; such samples take a plain step.
+        regularized = torch.where(finite[:, None, None], regularized, eye.expand_as(regularized))
         eigenvalues = torch.linalg.eigvalsh(regularized)
         max_condition = self.max_condition or 0.01 / torch.finfo(gram.dtype).eps
         well_posed = (eigenvalues[:, 0] > 0) & (eigenvalues[:, -1] <= max_condition * eigenvalues[:, 0])
-        well_posed &= torch.isfinite(eigenvalues).all(-1)
+        well_posed &= finite
         previous = residuals[-2].permute(1, 0, 2).reshape(batch, -1)
         growing = target.norm(dim=-1) > self.max_residual_growth * previous.norm(dim=-1)
         accept = well_posed & ~growing

@@ -1,0 +1,81 @@
+"""Shared helpers for the fixedpoint test suite.
+
+Every random tensor comes from an explicit ``torch.Generator``; float64 unless a test says
+otherwise.  The reference for every solve is ``torch.nn`` itself (``network.to_torch()``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from torch import Tensor
+
+from fixedpoint import Network, NetworkSolution
+
+# Hypothesis profiles: "default" keeps the suite fast; HYPOTHESIS_PROFILE=thorough searches longer.
+settings.register_profile("default", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+#: ``(kind, nonlinearity)`` for every supported cell.
+CELLS = [("elman", "tanh"), ("elman", "relu"), ("gru", "tanh"), ("lstm", "tanh")]
+CELL_IDS = ["elman-tanh", "elman-relu", "gru", "lstm"]
+
+#: Largest accepted max |diff| against torch.nn per dtype.
+BOUNDS = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Standard normal draws from an explicit generator (drawn in float64, then cast)."""
+    return torch.randn(*shape, generator=generator(seed), dtype=torch.float64).to(dtype)
+
+
+def make_hx(network: Network, batch: int, *, seed: int, scale: float = 0.5) -> Tensor | tuple[Tensor, Tensor]:
+    """A non-zero ``hx`` in ``torch.nn``'s layout: ``h_0`` or ``(h_0, c_0)`` for LSTM."""
+    shape = (network.num_layers * network.num_directions, batch, network.hidden_size)
+    h0 = scale * randn(*shape, seed=seed, dtype=network.dtype)
+    if network.kind == "lstm":
+        return h0, scale * randn(*shape, seed=seed + 1, dtype=network.dtype)
+    return h0
+
+
+def reference(network_or_module: Any, inputs: Tensor, hx: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Run ``torch.nn`` (``network.to_torch()`` or a given module): ``(output, h_n, c_n or None)``."""
+    module = network_or_module.to_torch() if isinstance(network_or_module, Network) else network_or_module
+    with torch.no_grad():
+        output, final = module(inputs, hx)
+    if isinstance(final, tuple):
+        return output, final[0], final[1]
+    return output, final, None
+
+
+def max_diff(solution: NetworkSolution, expected: tuple[Tensor, Tensor, Tensor | None]) -> float:
+    """Largest ``|solution − torch.nn|`` over output, ``h_n`` and ``c_n``; shapes must agree."""
+    output, h_n, c_n = expected
+    assert solution.output.shape == output.shape, (solution.output.shape, output.shape)
+    assert solution.h_n.shape == h_n.shape, (solution.h_n.shape, h_n.shape)
+    assert solution.output.dtype == output.dtype
+    pairs = [(solution.output, output), (solution.h_n, h_n)]
+    if c_n is None:
+        assert solution.c_n is None
+    else:
+        assert solution.c_n is not None and solution.c_n.shape == c_n.shape
+        pairs.append((solution.c_n, c_n))
+    for got, want in pairs:
+        assert bool(torch.isfinite(want).all()), "the torch.nn reference itself is not finite"
+        assert bool(torch.isfinite(got).all())
+    return max(float((got - want).abs().max()) for got, want in pairs)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A fresh, seeded generator for tests that draw their own tensors."""
+    return generator(1234)
