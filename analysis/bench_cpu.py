@@ -20,6 +20,7 @@ import torch
 from fixedpoint.compare import compare_with_torch
 from fixedpoint.data import gaussian_inputs
 from fixedpoint.network import Network
+from fixedpoint.runtime import keep_freed_memory
 from fixedpoint.solvers import Anderson, Picard, Sequential
 
 SOLVERS = {"sequential": Sequential(), "picard": Picard(), "anderson": Anderson(memory=5)}
@@ -78,6 +79,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     args = parser.parse_args()
+    keep_freed_memory()  # for torch.nn and the solvers alike: both run in this process
     dtypes = [getattr(torch, name) for name in args.dtypes]
     rows = measure(args.seq_lens, dtypes, args.repeats, args.batch, args.hidden)
     device = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -117,19 +117,7 @@ def _format(value: float | None) -> str:
 
 def residual_study(sizes: dict[str, int], log: Any = print) -> dict[str, Any]:
     """Picard vs Anderson on each cell at torch-default weights; data for ``plot_residuals``."""
-    config = {
-        "seq_len": sizes["seq_len"],
-        "batch": sizes["batch"],
-        "hidden_size": sizes["hidden_size"],
-        "input_size": sizes["input_size"],
-        "dtype": str(DTYPE).replace("torch.", ""),
-        "scale": 1.0,
-        "weight_seed": WEIGHT_SEED,
-        "input_seed": INPUT_SEED,
-        "inputs": "standard normal, torch.randn with torch.Generator().manual_seed(input_seed)",
-        "initial_state": "zeros",
-        "initial_guess": "zeros",
-    }
+    config = _config(sizes, sizes["seq_len"], scale=1.0)
     panels = []
     for kind, title in CELLS:
         system = _system(kind, sizes, sizes["seq_len"], 1.0)
@@ -159,22 +147,27 @@ def residual_study(sizes: dict[str, int], log: Any = print) -> dict[str, Any]:
     return {"config": config, "panels": panels}
 
 
-def wavefront_study(sizes: dict[str, int], log: Any = print) -> dict[str, Any]:
-    """Per-position error of every iterate for the GRU at two scales; data for ``plot_wavefront``."""
-    seq_len = sizes["wavefront_seq_len"]
-    config = {
+def _config(sizes: dict[str, int], seq_len: int, **extra: Any) -> dict[str, Any]:
+    """The metadata every study records beside its numbers."""
+    return {
         "seq_len": seq_len,
         "batch": sizes["batch"],
         "hidden_size": sizes["hidden_size"],
         "input_size": sizes["input_size"],
         "dtype": str(DTYPE).replace("torch.", ""),
-        "scales": list(WAVEFRONT_SCALES),
+        **extra,
         "weight_seed": WEIGHT_SEED,
         "input_seed": INPUT_SEED,
         "inputs": "standard normal, torch.randn with torch.Generator().manual_seed(input_seed)",
         "initial_state": "zeros",
         "initial_guess": "zeros",
     }
+
+
+def wavefront_study(sizes: dict[str, int], log: Any = print) -> dict[str, Any]:
+    """Per-position error of every iterate for the GRU at two scales; data for ``plot_wavefront``."""
+    seq_len = sizes["wavefront_seq_len"]
+    config = _config(sizes, seq_len, scales=list(WAVEFRONT_SCALES))
     panels = []
     for name, label, solver in _solvers():
         for scale in WAVEFRONT_SCALES:

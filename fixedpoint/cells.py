@@ -176,7 +176,7 @@ class ElmanCell(Cell):
 
     def step(self, state: Tensor, projected_input: Tensor) -> Tensor:
         pre = self.preactivation(state, projected_input)
-        return pre.tanh_() if self.nonlinearity == "tanh" else pre.relu_()
+        return torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,6 +19,7 @@ from fixedpoint.compare import Comparison, compare_with_torch
 from fixedpoint.data import gaussian_inputs
 from fixedpoint.errors import InputError
 from fixedpoint.network import Network, load_network
+from fixedpoint.runtime import keep_freed_memory
 from fixedpoint.solvers import SOLVERS, Solver
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -322,6 +323,7 @@ def _run_solve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fixedpoint`` command; returns the exit status."""
+    keep_freed_memory()
     try:
         args = build_parser().parse_args(argv)
         if args.command == "solve":

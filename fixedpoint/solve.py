@@ -175,10 +175,12 @@ def solve(
             nonfinite_at = (iteration, prefix + int((~finite).nonzero()[0]))
             result = Result.nonfinite
             break
-        difference = (image - iterate[prefix:]).abs()
-        tolerance = atol + rtol * image.abs()
-        # With atol = 0 a tolerance can be 0; an exactly zero difference then meets it.
-        scaled = torch.where(difference == 0, 0.0, difference / tolerance).amax(dim=(0, 2))  # (B,)
+        # In place, two temporaries: large CPU allocations cost page faults on every iteration.
+        difference = torch.sub(image, iterate[prefix:]).abs_()
+        tolerance = image.abs().mul_(rtol).add_(atol)
+        # With atol = 0 a tolerance can be 0: the floor makes 0/0 read 0 and x/0 read huge.
+        scaled = torch.div(difference, tolerance.clamp_(min=torch.finfo(image.dtype).tiny), out=tolerance)
+        scaled = scaled.amax(dim=(0, 2))  # (B,)
         scaled_history.append(scaled)
         abs_history.append(difference.amax(dim=(0, 2)))
         if bool((scaled < 1).all()):

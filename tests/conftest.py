@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, settings
 from torch import Tensor
 
 from fixedpoint import Network, NetworkSolution
+from fixedpoint.compare import run_reference
 
 # Hypothesis profiles: "default" keeps the suite fast; HYPOTHESIS_PROFILE=thorough searches longer.
 settings.register_profile("default", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -50,11 +51,7 @@ def make_hx(network: Network, batch: int, *, seed: int, scale: float = 0.5) -> T
 def reference(network_or_module: Any, inputs: Tensor, hx: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Run ``torch.nn`` (``network.to_torch()`` or a given module): ``(output, h_n, c_n or None)``."""
     module = network_or_module.to_torch() if isinstance(network_or_module, Network) else network_or_module
-    with torch.no_grad():
-        output, final = module(inputs, hx)
-    if isinstance(final, tuple):
-        return output, final[0], final[1]
-    return output, final, None
+    return run_reference(module, inputs, hx)
 
 
 def max_diff(solution: NetworkSolution, expected: tuple[Tensor, Tensor, Tensor | None]) -> float:
