@@ -134,9 +134,20 @@ class Cell(ABC):
     def step(self, state: Tensor, projected_input: Tensor) -> Tensor:
         """``f(s, x)``: ``(..., S)`` and ``(..., G·H)`` → ``(..., S)``."""
 
+    @abstractmethod
+    def jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        """``∂f/∂s`` at ``(s, x)``, analytic: ``(..., S)``, ``(..., G·H)`` → ``(..., S, S)``.
+
+        Formulas: docs/contraction.md; tests check them against ``torch.func`` and ``sympy``.
+        """
+
     def hidden_of(self, state: Tensor) -> Tensor:
         """The output part ``h`` of a state ``(..., S) → (..., H)``."""
         return state
+
+    def gate_weights(self) -> tuple[Tensor, ...]:
+        """The ``G`` recurrent blocks ``(H, H)`` of ``W_hh`` in ``torch.nn``'s gate order."""
+        return tuple(self.weight_hh.split(self.hidden_size, dim=0))
 
     def with_tensors(self, **changes: Tensor | None) -> "Cell":
         """A copy with some tensors replaced (same cell type and options)."""
@@ -178,6 +189,11 @@ class ElmanCell(Cell):
         pre = self.preactivation(state, projected_input)
         return torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
 
+    def jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        pre = self.preactivation(state, projected_input)
+        slope = 1 - torch.tanh(pre) ** 2 if self.nonlinearity == "tanh" else (pre > 0).to(pre.dtype)
+        return slope.unsqueeze(-1) * self.weight_hh
+
 
 @dataclass(frozen=True, eq=False)
 class GRUCell(Cell):
@@ -193,15 +209,31 @@ class GRUCell(Cell):
         return torch.cat((self.bias_ih[: 2 * hidden] + self.bias_hh[: 2 * hidden], self.bias_ih[2 * hidden :]))
 
     def step(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        _, z, _, n = self.gates(state, projected_input)
+        return n + z * (state - n)  # (1 − z) ⊙ n + z ⊙ h
+
+    def gates(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(r, z, q, n)`` with ``q = W_hn h + b_hn``, each ``(..., H)``."""
         hidden = self.hidden_size
-        recurrent = state @ self.weight_hh.T  # (..., 3H)
-        rz = torch.sigmoid(projected_input[..., : 2 * hidden] + recurrent[..., : 2 * hidden])
-        r, z = rz[..., :hidden], rz[..., hidden:]
+        recurrent = state @ self.weight_hh.T
+        r, z = torch.sigmoid(projected_input[..., : 2 * hidden] + recurrent[..., : 2 * hidden]).split(hidden, -1)
         q = recurrent[..., 2 * hidden :]
         if self.bias_hh is not None:
             q = q + self.bias_hh[2 * hidden :]
         n = torch.tanh(torch.addcmul(projected_input[..., 2 * hidden :], r, q))
-        return n + z * (state - n)  # (1 − z) ⊙ n + z ⊙ h
+        return r, z, q, n
+
+    def jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        # J = diag(z) + diag((1−z)(1−n²)r) W_hn + diag((1−z)(1−n²) q r(1−r)) W_hr + diag((h−n) z(1−z)) W_hz
+        r, z, q, n = self.gates(state, projected_input)
+        w_r, w_z, w_n = self.gate_weights()
+        through_n = (1 - z) * (1 - n**2)
+        return (
+            torch.diag_embed(z)
+            + (through_n * r).unsqueeze(-1) * w_n
+            + (through_n * q * r * (1 - r)).unsqueeze(-1) * w_r
+            + ((state - n) * z * (1 - z)).unsqueeze(-1) * w_z
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -230,6 +262,27 @@ class LSTMCell(Cell):
         c_next = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
         h_next = torch.sigmoid(o) * torch.tanh(c_next)
         return torch.cat((h_next, c_next), dim=-1)
+
+    def jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        # Blocks, rows (h', c'), columns (h, c):
+        #   ∂c'/∂h = diag(c f(1−f)) W_hf + diag(g i(1−i)) W_hi + diag(i(1−g²)) W_hg,  ∂c'/∂c = diag(f)
+        #   ∂h'/∂h = diag(tanh(c') o(1−o)) W_ho + diag(o(1−tanh²c')) ∂c'/∂h,     ∂h'/∂c = diag(o(1−tanh²c') f)
+        hidden = self.hidden_size
+        h, c = state[..., :hidden], state[..., hidden:]
+        i, f, g, o = self.preactivation(h, projected_input).chunk(4, dim=-1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        tanh_c = torch.tanh(f * c + i * g)
+        w_i, w_f, w_g, w_o = self.gate_weights()
+        dc_dh = (
+            (c * f * (1 - f)).unsqueeze(-1) * w_f
+            + (g * i * (1 - i)).unsqueeze(-1) * w_i
+            + (i * (1 - g**2)).unsqueeze(-1) * w_g
+        )
+        through_c = o * (1 - tanh_c**2)
+        dh_dh = (tanh_c * o * (1 - o)).unsqueeze(-1) * w_o + through_c.unsqueeze(-1) * dc_dh
+        top = torch.cat((dh_dh, torch.diag_embed(through_c * f)), dim=-1)
+        bottom = torch.cat((dc_dh, torch.diag_embed(f)), dim=-1)
+        return torch.cat((top, bottom), dim=-2)
 
 
 CELL_TYPES: dict[str, type[Cell]] = {"elman": ElmanCell, "gru": GRUCell, "lstm": LSTMCell}

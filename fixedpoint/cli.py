@@ -15,14 +15,17 @@ from typing import Any, NoReturn, Sequence
 
 import torch
 
-from fixedpoint.compare import Comparison, compare_with_torch
+from fixedpoint.compare import Comparison, check_network, compare_with_torch
+from fixedpoint.contraction import NORMS
 from fixedpoint.data import gaussian_inputs
-from fixedpoint.errors import InputError
+from fixedpoint.cells import SUPPORTED_DTYPES
+from fixedpoint.errors import InputError, first_line
 from fixedpoint.network import Network, load_network
 from fixedpoint.runtime import keep_freed_memory
-from fixedpoint.solvers import SOLVERS, Solver
+from fixedpoint.solvers import DEFAULT_TOLERANCES, SOLVERS, Solver
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5
 
 
 class UsageError(Exception):
@@ -64,6 +67,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63 - 2:  # the inputs use seed + 1
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63 − 2), got {text!r}")
+    return value
+
+
 def _nonnegative_float(text: str) -> float:
     try:
         value = float(text)
@@ -72,6 +85,33 @@ def _nonnegative_float(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {text!r}")
     return value
+
+
+def _add_problem_arguments(command: argparse.ArgumentParser) -> None:
+    """Options that describe the network and its inputs, shared by every subcommand."""
+    model = command.add_argument_group("model (random weights unless --weights)")
+    model.add_argument("--cell", choices=["elman", "gru", "lstm"], help="cell type (required without --weights)")
+    model.add_argument("--nonlinearity", choices=["tanh", "relu"], help="Elman nonlinearity (default tanh)")
+    model.add_argument("--hidden", type=_positive_int, help="hidden size H (default 64)")
+    model.add_argument("--input-size", type=_positive_int, help="input size I (default: hidden)")
+    model.add_argument("--layers", type=_positive_int, help="stacked layers (default 1)")
+    model.add_argument("--bidirectional", action="store_true", default=None, help="two directions per layer")
+    model.add_argument("--scale", type=_nonnegative_float, help="multiply every W_hh by this (default 1)")
+    model.add_argument(
+        "--weights", metavar="PATH",
+        help="torch.save file of an RNN/GRU/LSTM module or state_dict (batch_first is ignored: inputs are (T, B, I))",
+    )
+    data = command.add_argument_group("inputs (N(0, 1) from --seed unless --inputs)")
+    data.add_argument("--seq-len", type=_positive_int, help="sequence length T (default 512)")
+    data.add_argument("--batch", type=_positive_int, help="batch size B (default 16)")
+    data.add_argument("--inputs", metavar="FILE.pt", help="torch.save file of a (T, B, input_size) tensor")
+    data.add_argument("--seed", type=_seed, default=0, help="seed of the weights; the inputs use seed + 1 (default 0)")
+    numbers = command.add_argument_group("numbers and output")
+    numbers.add_argument("--rtol", type=_nonnegative_float, help="relative tolerance (default: 1e-12 float64, 1e-6 float32)")
+    numbers.add_argument("--atol", type=_nonnegative_float, help="absolute tolerance (default: 1e-12 float64, 1e-6 float32)")
+    numbers.add_argument("--dtype", choices=sorted(DTYPES), help="float32 or float64 (default: that of the files, else float64)")
+    numbers.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="default auto: cuda if available")
+    numbers.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,31 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Solve S = F(S) for an Elman/GRU/LSTM network over a whole sequence and "
         "compare the result and the time with torch.nn's own module on the same weights and inputs.",
     )
-    model = solve.add_argument_group("model (random weights unless --weights)")
-    model.add_argument("--cell", choices=["elman", "gru", "lstm"], help="cell type (required without --weights)")
-    model.add_argument("--nonlinearity", choices=["tanh", "relu"], help="Elman nonlinearity (default tanh)")
-    model.add_argument("--hidden", type=_positive_int, help="hidden size H (default 64)")
-    model.add_argument("--input-size", type=_positive_int, help="input size I (default: hidden)")
-    model.add_argument("--layers", type=_positive_int, help="stacked layers (default 1)")
-    model.add_argument("--bidirectional", action="store_true", default=None, help="two directions per layer")
-    model.add_argument("--scale", type=_nonnegative_float, help="multiply every W_hh by this (default 1)")
-    model.add_argument("--weights", metavar="PATH", help="torch.save file of an RNN/GRU/LSTM module or state_dict")
-    data = solve.add_argument_group("inputs (N(0, 1) from --seed unless --inputs)")
-    data.add_argument("--seq-len", type=_positive_int, help="sequence length T (default 512)")
-    data.add_argument("--batch", type=_positive_int, help="batch size B (default 16)")
-    data.add_argument("--inputs", metavar="FILE.pt", help="torch.save file of a (T, B, input_size) tensor")
-    data.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (default 0)")
+    _add_problem_arguments(solve)
     run = solve.add_argument_group("solver")
     run.add_argument("--solver", choices=sorted(SOLVERS), default="picard", help="method (default picard)")
-    run.add_argument("--rtol", type=_nonnegative_float, help="relative tolerance (default: 1e-12 float64, 1e-6 float32)")
-    run.add_argument("--atol", type=_nonnegative_float, help="absolute tolerance (default: as rtol)")
     run.add_argument("--max-iter", type=_positive_int, help="most iterations per layer (default T)")
     run.add_argument("--damping", type=float, help="Picard damping in [0, 1) (default 0)")
     run.add_argument("--memory", type=_positive_int, help="Anderson memory (default 5)")
-    run.add_argument("--dtype", choices=sorted(DTYPES), help="float32 or float64 (default: that of the files, else float64)")
-    run.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="default auto: cuda if available")
     run.add_argument("--repeat", type=_positive_int, default=1, help="timed repetitions, median reported (default 1)")
-    run.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    run.add_argument("--norm", choices=NORMS, default="2", help="norm of the contraction numbers (default 2)")
+    check = commands.add_parser(
+        "check",
+        allow_abbrev=False,
+        help="certified and estimated contraction of a network's fixed-point systems",
+        description="Certified Banach bounds (global and for the given inputs), estimates along the "
+        "solution, the predicted Picard iterations to --atol, and a verdict, per layer and direction.",
+    )
+    _add_problem_arguments(check)
+    check.add_argument("--norm", choices=NORMS, default="2", help="2 or inf; LSTM: max(‖h‖, ‖c‖) (default 2)")
     return parser
 
 
@@ -143,21 +175,24 @@ def _check_agrees(flag: str, given: Any, actual: Any, source: str) -> None:
         raise InputError(f"{flag} {given} conflicts with {source} ({actual}); drop the flag or change it")
 
 
-def _resolve(args: argparse.Namespace) -> tuple[Network, torch.Tensor, Solver, str]:
-    """The network, inputs (T, B, I) and solver the options describe."""
+def _resolve(args: argparse.Namespace) -> tuple[Network, torch.Tensor, str]:
+    """The network and inputs (T, B, I) the options describe, and where the dtype came from."""
     device = _device(args.device)
     inputs = _load_inputs(args.inputs) if args.inputs else None
     if args.weights:
         if args.scale is not None:
             raise InputError("--scale applies to random weights; it cannot be combined with --weights")
-        network = load_network(args.weights, nonlinearity=args.nonlinearity)
+        network = load_network(
+            args.weights, nonlinearity=args.nonlinearity, dtype=DTYPES[args.dtype] if args.dtype else None
+        )
         network = Network(network.cells, batch_first=False)  # inputs here are (T, B, I)
         source = f"the weights in {args.weights}"
         _check_agrees("--cell", args.cell, network.kind, source)
         _check_agrees("--hidden", args.hidden, network.hidden_size, source)
         _check_agrees("--input-size", args.input_size, network.input_size, source)
         _check_agrees("--layers", args.layers, network.num_layers, source)
-        _check_agrees("--bidirectional", args.bidirectional, network.bidirectional or None, source)
+        if args.bidirectional and not network.bidirectional:
+            raise InputError(f"--bidirectional conflicts with {source}, which run in one direction")
     else:
         if args.cell is None:
             raise InputError("choose a cell with --cell {elman,gru,lstm}, or give --weights")
@@ -182,9 +217,13 @@ def _resolve(args: argparse.Namespace) -> tuple[Network, torch.Tensor, Solver, s
     else:
         _check_agrees("--seq-len", args.seq_len, inputs.shape[0], f"the inputs in {args.inputs}")
         _check_agrees("--batch", args.batch, inputs.shape[1], f"the inputs in {args.inputs}")
-        _check_agrees("--input-size", network.input_size, inputs.shape[2], f"the inputs in {args.inputs}")
+        if inputs.shape[2] != network.input_size:
+            raise InputError(
+                f"the inputs in {args.inputs} have {inputs.shape[2]} features but the network takes "
+                f"input_size={network.input_size}"
+            )
     inputs = inputs.to(dtype=dtype, device=device)
-    return network, inputs, _solver(args), _describe_dtype_source(args)
+    return network, inputs, _describe_dtype_source(args)
 
 
 def _resolve_dtype(args: argparse.Namespace, network: Network, inputs: torch.Tensor | None) -> torch.dtype:
@@ -217,13 +256,7 @@ def _solver(args: argparse.Namespace) -> Solver:
         raise InputError("--damping applies to --solver picard only")
     if args.memory is not None and args.solver != "anderson":
         raise InputError("--memory applies to --solver anderson only")
-    if args.atol is not None or args.rtol is not None:
-        # One given, the other not: use the given value for both rather than mixing scales.
-        rtol = args.rtol if args.rtol is not None else args.atol
-        atol = args.atol if args.atol is not None else args.rtol
-    else:
-        rtol = atol = None
-    options: dict[str, Any] = {"rtol": rtol, "atol": atol}
+    options: dict[str, Any] = {"rtol": args.rtol, "atol": args.atol}  # None: the dtype default
     if args.solver == "picard" and args.damping is not None:
         options["damping"] = args.damping
     if args.solver == "anderson" and args.memory is not None:
@@ -268,6 +301,17 @@ def _report(network: Network, inputs: torch.Tensor, solver: Solver, comparison: 
     }
 
 
+def _json_safe(value: Any) -> Any:
+    """Strict JSON: a NaN or infinite number (an overflowed reference, say) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
 def _format_table(report: dict[str, Any]) -> str:
     nonlinearity = f"({report['nonlinearity']})" if report["nonlinearity"] else ""
     direction = ", bidirectional" if report["bidirectional"] else ""
@@ -307,7 +351,8 @@ class _Progress:
 
 
 def _run_solve(args: argparse.Namespace) -> int:
-    network, inputs, solver, dtype_source = _resolve(args)
+    network, inputs, dtype_source = _resolve(args)
+    solver = _solver(args)
     progress = _Progress(args.max_iter or inputs.shape[0]) if sys.stderr.isatty() and not args.json else None
     try:
         comparison = compare_with_torch(
@@ -317,8 +362,61 @@ def _run_solve(args: argparse.Namespace) -> int:
         if progress is not None:
             progress.close()
     report = _report(network, inputs, solver, comparison, dtype_source)
-    print(json.dumps(report) if args.json else _format_table(report))
+    print(json.dumps(_json_safe(report), allow_nan=False) if args.json else _format_table(report))
     return 0 if report["converged"] else 1
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    network, inputs, _ = _resolve(args)
+    checks = check_network(network, inputs, args.norm, atol=args.atol)
+    worst = lambda values: max(values) if all(v is not None for v in values) else None  # noqa: E731
+    reports = [c.report for c in checks]
+    order = ["contractive", "contractive on these inputs", "not certified (finite termination at T only)"]
+    result = {
+        "cell": network.kind,
+        "nonlinearity": network.nonlinearity,
+        "norm": args.norm,
+        "seq_len": inputs.shape[0],
+        "batch": inputs.shape[1],
+        "hidden": network.hidden_size,
+        "layers": network.num_layers,
+        "dtype": str(network.dtype).removeprefix("torch."),
+        "atol": args.atol if args.atol is not None else DEFAULT_TOLERANCES[network.dtype][1],
+        "global_bound": max(r.global_bound for r in reports),
+        "conditional_bound": max(r.conditional_bound for r in reports),
+        "estimated": worst([r.estimated for r in reports]),
+        "predicted_iterations": sum(int(r.predicted_iterations.max()) for r in reports),
+        "verdict": max((r.verdict for r in reports), key=order.index),
+        "per_solve": [
+            {
+                "layer": c.layer,
+                "direction": c.direction,
+                "global_bound": c.report.global_bound,
+                "conditional_bound": c.report.conditional_bound,
+                "estimated": c.report.estimated,
+                "predicted_iterations": int(c.report.predicted_iterations.max()),
+                "verdict": c.report.verdict,
+            }
+            for c in checks
+        ],
+    }
+    if args.json:
+        print(json.dumps(_json_safe(result), allow_nan=False))
+        return 0
+    estimated = "n/a" if result["estimated"] is None else f"{result['estimated']:.4g}"
+    rows = [
+        ("problem", f"{network.describe()}, T={result['seq_len']}, B={result['batch']}, H={result['hidden']}, "
+                    f"layers={result['layers']}, {result['dtype']}"),
+        ("norm", f"{args.norm}" + (" of max(‖h‖, ‖c‖)" if network.kind == "lstm" else "")),
+        ("certified, every input", f"{result['global_bound']:.4g}"),
+        ("certified, these inputs", f"{result['conditional_bound']:.4g}  (max over steps t ≥ 2)"),
+        ("estimated ‖J_t‖ on solution", f"{estimated}  (estimate, no guarantee)"),
+        ("predicted Picard iterations", f"{result['predicted_iterations']}  (certified, to atol {result['atol']:g})"),
+        ("verdict", result["verdict"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -328,13 +426,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "solve":
             return _run_solve(args)
+        if args.command == "check":
+            return _run_check(args)
         raise UsageError(f"unknown command {args.command!r}")
     except (UsageError, InputError) as error:
         print(f"fixedpoint: error: {error}", file=sys.stderr)
         return 2
-    except (torch.OutOfMemoryError, MemoryError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
-        print(f"fixedpoint: error: out of memory ({first_line}); lower --seq-len, --batch or --hidden", file=sys.stderr)
+    except (_OUT_OF_MEMORY, MemoryError) as error:
+        print(f"fixedpoint: error: out of memory ({first_line(error)}); lower --seq-len, --batch or --hidden", file=sys.stderr)
         return 2
 
 

@@ -7,17 +7,19 @@ process, alternating, each after a warm-up (DESIGN §5).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from fixedpoint.network import Network
 from fixedpoint.solve import NetworkSolution, solve_network
-from fixedpoint.solvers import Solver
+from fixedpoint.contraction import ContractionReport, Norm, analyze
+from fixedpoint.solvers import DEFAULT_TOLERANCES, Sequential, Solver
 
 
 @dataclass
@@ -76,8 +78,33 @@ def compare_with_torch(
 
     Both run once on a short prefix of the inputs first (warm-up), then ``repeats`` times each,
     alternating.  Times are medians.  The solve does not raise on non-convergence: the
-    returned solution's ``result`` says how it ended.
+    returned solution's ``result`` says how it ended.  On CUDA, TF32 is switched off for the
+    duration (matmul and cuDNN), so that float32 means float32 on both sides.
     """
+    with _without_tf32():
+        return _compare(network, inputs, solver, hx, repeats, max_steps, callback)
+
+
+@contextlib.contextmanager
+def _without_tf32() -> Iterator[None]:
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _compare(
+    network: Network,
+    inputs: Tensor,
+    solver: Solver,
+    hx: Any,
+    repeats: int,
+    max_steps: int | None,
+    callback: Callable[..., None] | None,
+) -> Comparison:
     module = network.to_torch()
     warm_length = min(inputs.shape[1 if network.batch_first else 0], 8)
     warm_inputs = inputs[:, :warm_length] if network.batch_first else inputs[:warm_length]
@@ -110,3 +137,32 @@ def _timed(function: Callable[[], Any], device: torch.device) -> tuple[Any, floa
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return value, time.perf_counter() - started
+
+
+@dataclass
+class LayerCheck:
+    """The contraction report of one (layer, direction) system, on its actual inputs."""
+
+    layer: int
+    direction: int
+    report: ContractionReport
+
+
+def check_network(
+    network: Network, inputs: Tensor, norm: Norm = "2", *, atol: float | None = None, hx: Any = None
+) -> list[LayerCheck]:
+    """Contraction reports for every layer and direction of ``network`` on ``inputs (T, B, I)``.
+
+    Layer ``l + 1`` is analysed on the exact outputs of layer ``l`` (solved sequentially), and
+    the estimates are taken along the exact solution.  ``atol`` (default: the dtype's) sets the
+    tolerance of the predicted Picard iteration counts.
+    """
+    if atol is None:
+        atol = DEFAULT_TOLERANCES[network.dtype][1]
+    solution = solve_network(network, inputs, hx, Sequential())
+    checks = []
+    for layer_index, layer in enumerate(solution.layers):
+        for direction, single in enumerate(layer):
+            report = analyze(single.system, norm, atol=atol, states=single.value)
+            checks.append(LayerCheck(layer_index, direction, report))
+    return checks

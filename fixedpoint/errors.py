@@ -12,6 +12,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from fixedpoint.solve import Solution
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class InputError(ValueError):
     """Bad input: wrong shape, dtype, non-finite values, mismatched weights, unknown option."""
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fixedpoint.cells import CELL_TYPES, SUPPORTED_DTYPES, Cell, ElmanCell
-from fixedpoint.errors import InputError
+from fixedpoint.errors import InputError, first_line
 
 TORCH_MODULES: dict[str, type[nn.RNNBase]] = {"elman": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 _KIND_OF_MODULE = {nn.RNN: "elman", nn.GRU: "gru", nn.LSTM: "lstm"}
@@ -61,6 +61,8 @@ class Network:
                     )
                 if cell.dtype != first.dtype or cell.device != first.device:
                     raise InputError("all cells of a network must share dtype and device")
+                if (cell.bias_ih is None) != (first.bias_ih is None):
+                    raise InputError("every cell must have biases, or none (torch.nn's bias is per network)")
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -135,12 +137,14 @@ class Network:
         kind: str | None = None,
         nonlinearity: str = "tanh",
         batch_first: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> "Network":
         """Build from a ``torch.nn`` RNN/GRU/LSTM ``state_dict`` (keys ``weight_ih_l0`` …).
 
         ``kind`` is inferred from the gate count when omitted; a given ``kind`` that disagrees
         with the weights is an error.  A ``state_dict`` does not record an Elman network's
-        nonlinearity, so it is taken from ``nonlinearity``.
+        nonlinearity, so it is taken from ``nonlinearity``.  ``dtype`` converts the weights
+        (float32/float64) before they are checked, e.g. to solve a float16 checkpoint.
         """
         if not isinstance(state_dict, Mapping) or "weight_hh_l0" not in state_dict:
             raise InputError(
@@ -175,7 +179,7 @@ class Network:
                 tensors = [state_dict.get(name) for name in names]
                 if tensors[0] is None:
                     raise InputError(f"state_dict lacks {names[0]}")
-                tensors = [None if t is None else t.detach().clone() for t in tensors]
+                tensors = [None if t is None else t.detach().to(dtype=dtype, copy=True) for t in tensors]
                 extra = {"nonlinearity": nonlinearity} if cell_type is ElmanCell else {}
                 directions.append(cell_type(*tensors, **extra))
             layers.append(tuple(directions))
@@ -237,10 +241,13 @@ class Network:
         if kind not in CELL_TYPES:
             raise InputError(f"cell must be one of {sorted(CELL_TYPES)}, got {kind!r}")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if not math.isfinite(scale) or scale < 0:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale < 0:
             raise InputError(f"scale must be a finite number ≥ 0, got {scale!r}")
+        check_seed(seed)
+        if kind != "elman" and nonlinearity != "tanh":
+            raise InputError(f"nonlinearity applies to Elman cells only, not {kind}")
         if dtype not in SUPPORTED_DTYPES:
             raise InputError(f"dtype must be float32 or float64, got {dtype}")
         generator = torch.Generator().manual_seed(seed)
@@ -267,32 +274,47 @@ class Network:
         return cls(tuple(layers))
 
 
-def load_network(path: str | os.PathLike, *, nonlinearity: str | None = None) -> Network:
+def check_seed(seed: object) -> None:
+    """Raise :class:`InputError` unless ``seed`` fits ``torch.Generator.manual_seed``."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63 - 1:
+        raise InputError(f"seed must be an integer in [0, 2**63 − 1), got {seed!r}")
+
+
+def load_network(
+    path: str | os.PathLike, *, nonlinearity: str | None = None, dtype: torch.dtype | None = None
+) -> Network:
     """Load a network from a file written by ``torch.save``: a ``torch.nn.RNN/GRU/LSTM``
     module or its ``state_dict``.
 
     The file is read with ``weights_only=True`` (no arbitrary code runs); the three module
     classes are the only extra types allowed.  For an Elman ``state_dict`` the nonlinearity is
     not stored: pass it (default ``tanh``).  For a whole module, a ``nonlinearity`` that
-    disagrees with the module is an error.
+    disagrees with the module is an error, and so is one given for a GRU or LSTM.  ``dtype``
+    converts the weights.  Loading a whole module needs torch ≥ 2.5 (``safe_globals``); a
+    ``state_dict`` loads on any supported torch.
     """
     if not os.path.isfile(path):
         raise InputError(f"weights file not found: {path}")
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
     try:
-        with torch.serialization.safe_globals([nn.RNN, nn.GRU, nn.LSTM]):
+        if safe_globals is None:  # torch < 2.5: state_dicts only
             obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with safe_globals([nn.RNN, nn.GRU, nn.LSTM]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for unreadable files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(
-            f"cannot read {path} as a torch.save file of an RNN/GRU/LSTM module or state_dict: {first_line}"
+            f"cannot read {path} as a torch.save file of an RNN/GRU/LSTM module or state_dict: {first_line(error)}"
         ) from error
     if isinstance(obj, nn.Module):
+        if dtype is not None:
+            obj = obj.to(dtype)
         network = Network.from_torch(obj)
-        if nonlinearity is not None and network.nonlinearity not in (None, nonlinearity):
-            raise InputError(
-                f"the module in {path} uses nonlinearity {network.nonlinearity!r}, not {nonlinearity!r}"
-            )
-        return network
-    if isinstance(obj, Mapping):
-        return Network.from_state_dict(obj, nonlinearity=nonlinearity or "tanh")
-    raise InputError(f"{path} holds a {type(obj).__name__}, not an RNN/GRU/LSTM module or state_dict")
+    elif isinstance(obj, Mapping):
+        network = Network.from_state_dict(obj, nonlinearity=nonlinearity or "tanh", dtype=dtype)
+    else:
+        raise InputError(f"{path} holds a {type(obj).__name__}, not an RNN/GRU/LSTM module or state_dict")
+    if nonlinearity is not None and network.nonlinearity != nonlinearity:
+        found = "no nonlinearity option" if network.nonlinearity is None else f"nonlinearity {network.nonlinearity!r}"
+        raise InputError(f"the {network.kind} network in {path} has {found}, not {nonlinearity!r}")
+    return network

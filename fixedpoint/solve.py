@@ -31,14 +31,15 @@ from torch import Tensor
 from fixedpoint.cells import check_floating
 from fixedpoint.errors import InputError, NoConvergence
 from fixedpoint.network import Network
-from fixedpoint.solvers import Picard, Solver
+from fixedpoint.contraction import Norm, a_posteriori_error_bound, analyze, check_norm, state_norms
+from fixedpoint.solvers import Picard, Sequential, Solver
 from fixedpoint.system import SequenceSystem
 
 
 class Result(enum.Enum):
     """How a solve ended.  Each value is a message that says what to do about it."""
 
-    successful = "converged: every position satisfies |F(S) − S| ≤ atol + rtol·|F(S)|"
+    successful = "converged: every position satisfies |F(S) − S| < atol + rtol·|F(S)|"
     max_steps_reached = (
         "max_steps was reached before the tolerance was met; raise max_steps (T steps always "
         "suffice, by finite termination) or loosen rtol/atol"
@@ -71,6 +72,10 @@ class Stats:
         rtol, atol: the tolerances used.
         solver: solver-specific counters (Anderson: ``plain_steps`` per sample …).
         nonfinite_at: ``(iteration, position)`` of the first NaN/Inf, if any.
+        lipschitz_certified: with ``certify``: the certified data-conditional ``L`` when < 1.
+        predicted_iterations: with ``certify``: ``(B,)`` certified a-priori Picard iterations.
+        error_bound: with ``certify``, ``L < 1`` and a Picard or sequential solve: ``(B,)``
+            certified ``max_t ‖value_t − s*_t‖ ≤ L/(1−L)·max_t ‖F(X)_t − X_t‖`` (plus rounding).
     """
 
     iterations: int
@@ -85,6 +90,9 @@ class Stats:
     atol: float
     solver: dict[str, Any] = field(default_factory=dict)
     nonfinite_at: tuple[int, int] | None = None
+    lipschitz_certified: float | None = None
+    predicted_iterations: Tensor | None = None
+    error_bound: Tensor | None = None
 
 
 @dataclass
@@ -120,20 +128,26 @@ def solve(
     max_steps: int | None = None,
     throw: bool = True,
     callback: Callback | None = None,
+    certify: Norm | None = None,
 ) -> Solution:
     """Solve ``S = F(S)`` with ``solver`` (default :class:`~fixedpoint.solvers.Picard`).
 
     Args:
         system: the equation system.
         solver: a solver configuration.
-        initial_guess: ``(T, B, S)`` first iterate (default zeros); not modified.
+        initial_guess: ``(T, B, S)`` first iterate (default zeros); not modified.  Ignored by
+            :class:`~fixedpoint.solvers.Sequential`, which needs none.
         max_steps: most iterations (default ``T``, which always suffices).
         throw: raise :class:`~fixedpoint.errors.NoConvergence` unless the solve succeeded;
             with ``False`` the :class:`Solution` carries the result code instead.
         callback: see :data:`Callback`.
+        certify: ``"2"`` or ``"inf"``: attach certified contraction numbers in that norm
+            (:mod:`fixedpoint.contraction`) to the statistics.
 
     Returns:
-        A :class:`Solution` whose ``value`` is the last image ``F(X)`` when converged.
+        A :class:`Solution` whose ``value`` is the last image ``F(X)`` (also when ``max_steps``
+        ran out); ``stats.residual`` is the scaled ``|F(X) − X|`` of that last ``X``.  After a
+        non-finite image the value is the last finite iterate and the residual is ``inf``.
     """
     solver = Picard() if solver is None else solver
     if not isinstance(solver, Solver):
@@ -153,11 +167,13 @@ def solve(
             raise InputError("initial_guess must have the dtype and device of the system")
         iterate = initial_guess.clone()
     rtol, atol = solver.tolerances(iterate.dtype)
+    report = None if certify is None else analyze(system, check_norm(certify), atol=atol)
 
     _synchronize(iterate.device)
     started = time.perf_counter()
     iterate, state = solver.init(system, iterate)
     prefix = 0
+    last_difference = None
     scaled_history: list[Tensor] = []
     abs_history: list[Tensor] = []
     positions_evaluated = 0
@@ -174,9 +190,12 @@ def solve(
         if not bool(finite.all()):
             nonfinite_at = (iteration, prefix + int((~finite).nonzero()[0]))
             result = Result.nonfinite
+            scaled_history.append(iterate.new_full((batch,), float("inf")))
+            abs_history.append(iterate.new_full((batch,), float("inf")))
             break
         # In place, two temporaries: large CPU allocations cost page faults on every iteration.
         difference = torch.sub(image, iterate[prefix:]).abs_()
+        last_difference = difference
         tolerance = image.abs().mul_(rtol).add_(atol)
         # With atol = 0 a tolerance can be 0: the floor makes 0/0 read 0 and x/0 read huge.
         scaled = torch.div(difference, tolerance.clamp_(min=torch.finfo(image.dtype).tiny), out=tolerance)
@@ -186,6 +205,12 @@ def solve(
         if bool((scaled < 1).all()):
             iterate[prefix:] = image
             result = Result.successful
+            break
+        if iteration == max_steps:  # return F(X), one Picard step beyond X, which the stats describe
+            iterate[prefix:] = image
+            prefix += 1
+            if prefix == steps:  # every position exact after all
+                result = Result.successful
             break
         next_window, state = solver.step(iterate[prefix:], image, state)
         iterate[prefix:] = next_window
@@ -220,6 +245,16 @@ def solve(
         solver=solver.statistics(state),
         nonfinite_at=nonfinite_at,
     )
+    if report is not None:
+        stats.lipschitz_certified = report.certified
+        stats.predicted_iterations = report.predicted_iterations
+        # Picard (from zero) and sequential iterates stay in the box where L holds.
+        in_box = isinstance(solver, (Picard, Sequential)) and initial_guess is None
+        if report.certified is not None and in_box and result is not Result.nonfinite:
+            step = iterate.new_zeros(batch)
+            if last_difference is not None and prefix < steps:
+                step = state_norms(system.cell, last_difference, report.norm).amax(0)
+            stats.error_bound = a_posteriori_error_bound(report.certified, step)
     solution = Solution(iterate, result, stats, system)
     if throw and not solution.converged:
         raise NoConvergence(solution)

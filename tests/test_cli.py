@@ -174,3 +174,58 @@ def test_python_dash_m_entry_point():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["nonlinearity"] == "relu" and report["max_abs_diff"] <= 1e-10
+
+
+def test_json_stays_strict_when_the_reference_overflows(capsys):
+    # relu Elman × 50: torch.nn itself overflows; the report says so with null, not NaN.
+    code = main(["solve", "--cell", "elman", "--nonlinearity", "relu", "--scale", "50", "--seq-len", "400",
+                 "--batch", "2", "--hidden", "8", "--dtype", "float32", "--json"])
+    out = capsys.readouterr().out
+    def reject(token: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    report = json.loads(out, parse_constant=reject)  # NaN, Infinity, -Infinity would fail
+    assert code == 1 and report["converged"] is False and report["result"] == "nonfinite"
+    assert report["residual"] is None
+
+
+def test_more_usage_errors(capsys, tmp_path):
+    gru = tmp_path / "gru.pt"
+    torch.save(torch.nn.GRU(3, 4, dtype=torch.float64).state_dict(), gru)
+    assert "no nonlinearity option" in run_error(capsys, "--weights", str(gru), "--nonlinearity", "relu")
+    assert "expected an integer in [0" in run_error(capsys, "--cell", "gru", "--seed", "-1")
+    assert "expected an integer in [0" in run_error(capsys, "--cell", "gru", "--seed", str(2**64))
+    mixed = tmp_path / "mixed.pt"
+    state = torch.nn.GRU(3, 4, num_layers=2, dtype=torch.float64).state_dict()
+    del state["bias_ih_l1"], state["bias_hh_l1"]
+    torch.save(state, mixed)
+    assert "biases" in run_error(capsys, "--weights", str(mixed))
+
+
+def test_half_precision_weights_convert_with_dtype(capsys, tmp_path):
+    path = tmp_path / "half.pt"
+    torch.save(torch.nn.GRU(3, 4).half().state_dict(), path)
+    assert "float16" in run_error(capsys, "--weights", str(path))
+    code, report = run_json(capsys, "--weights", str(path), "--dtype", "float64", "--seq-len", "12", "--batch", "2")
+    assert code == 0 and report["dtype"] == "float64" and report["max_abs_diff"] <= 1e-10
+
+
+def test_one_tolerance_keeps_the_other_default(capsys):
+    code, report = run_json(capsys, "--cell", "gru", "--seq-len", "20", "--batch", "2", "--hidden", "4", "--atol", "1e-9")
+    assert code == 0 and report["atol"] == 1e-9 and report["rtol"] == 1e-12
+
+
+@pytest.mark.parametrize("cell", ["elman", "gru", "lstm"])
+@pytest.mark.parametrize("norm", ["2", "inf"])
+def test_check_json_contract(capsys, cell, norm):
+    code = main(["check", "--cell", cell, "--seq-len", "40", "--batch", "2", "--hidden", "6", "--norm", norm, "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert {"cell", "norm", "global_bound", "conditional_bound", "estimated", "predicted_iterations", "verdict"} <= set(report)
+    assert report["cell"] == cell and report["norm"] == norm
+    # Certified bounds are upper bounds of the estimate along the solution.
+    assert report["estimated"] <= report["conditional_bound"] * (1 + 1e-9)
+    assert report["conditional_bound"] <= report["global_bound"] * (1 + 1e-9)
+    assert 1 <= report["predicted_iterations"] <= 40
+    if cell != "elman":
+        assert report["global_bound"] >= 1  # no uniform contraction for gated cells

@@ -28,7 +28,7 @@ class Anderson(Solver):
     """Anderson acceleration with separate least-squares coefficients for every batch sample.
 
     With ``m_k = min(memory, k)`` differences ``ΔR`` of past residuals and ``ΔG`` of past
-    images, solve ``γ = argmin ‖R_k − ΔR γ‖² + λ‖ΔR‖_F²‖γ‖²`` per sample and step
+    images, solve ``γ = argmin ‖R_k − ΔR γ‖² + (λ/m)‖ΔR‖_F²‖γ‖²`` per sample and step
     ``X ← X_k + β R_k − (ΔG − ΔR + β ΔR) γ`` (``β = mixing``; with ``β = 1``, ``G_k − ΔG γ``).
 
     Safeguard: a sample takes the plain step ``X_k + β R_k`` (``γ = 0``) when its regularised

@@ -51,7 +51,7 @@ def check_number(
 class Solver(ABC):
     """Base configuration: ``rtol``/``atol`` of the termination test (``None``: dtype default).
 
-    The driver stops when every position satisfies ``|F(S) − S| ≤ atol + rtol·|F(S)|``
+    The driver stops when every position satisfies ``|F(S) − S| < atol + rtol·|F(S)|``
     elementwise, and then returns ``F(S)``.
     """
 
