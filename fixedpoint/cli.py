@@ -297,8 +297,20 @@ def _report(network: Network, inputs: torch.Tensor, solver: Solver, comparison: 
         "repeats": comparison.repeats,
         "residual_history": [s.stats.residual_history.amax(dim=1).tolist() for s in solutions],
         "solver_stats": [s.stats.solver for s in solutions],
+        "norm": comparison.norm,
+        "lipschitz_certified": _all_or_none([s.stats.lipschitz_certified for s in solutions], max),
+        "lipschitz_estimated": comparison.lipschitz_estimated,
+        "predicted_iterations": sum(int(s.stats.predicted_iterations.max()) for s in solutions),
+        "error_bound": _all_or_none(
+            [None if s.stats.error_bound is None else float(s.stats.error_bound.max()) for s in solutions], max
+        ),
         "torch_version": torch.__version__,
     }
+
+
+def _all_or_none(values: list[Any], combine: Any) -> Any:
+    """``combine(values)``, or None when any value is None (a bound for some layer is missing)."""
+    return None if any(v is None for v in values) else combine(values)
 
 
 def _json_safe(value: Any) -> Any:
@@ -328,11 +340,24 @@ def _format_table(report: dict[str, Any]) -> str:
         ("iterations", iterations),
         ("residual", f"{report['residual']:.2e} (scaled: < 1 is within tolerance)"),
         ("max |diff|", f"{report['max_abs_diff']:.2e} against torch.nn.{reference}"),
+        ("contraction", _format_contraction(report)),
         ("time", f"{report['solver_seconds']:.4f} s solver, {report['reference_seconds']:.4f} s torch.nn "
                  f"(ratio {report['time_ratio']:.2f}; median of {report['repeats']})"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _format_contraction(report: dict[str, Any]) -> str:
+    certified = report["lipschitz_certified"]
+    estimated = report["lipschitz_estimated"]
+    parts = [f"certified L {certified:.3g}" if certified is not None else "no certified L < 1"]
+    if estimated is not None:
+        parts.append(f"estimated {estimated:.3g}")
+    parts.append(f"predicted Picard iterations {report['predicted_iterations']}")
+    if report["error_bound"] is not None:
+        parts.append(f"error ≤ {report['error_bound']:.1e}")
+    return f"{', '.join(parts)} ({report['norm']}-norm)"
 
 
 class _Progress:
@@ -356,7 +381,7 @@ def _run_solve(args: argparse.Namespace) -> int:
     progress = _Progress(args.max_iter or inputs.shape[0]) if sys.stderr.isatty() and not args.json else None
     try:
         comparison = compare_with_torch(
-            network, inputs, solver, repeats=args.repeat, max_steps=args.max_iter, callback=progress
+            network, inputs, solver, repeats=args.repeat, max_steps=args.max_iter, callback=progress, certify=args.norm
         )
     finally:
         if progress is not None:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fixedpoint.network import Network
 from fixedpoint.solve import NetworkSolution, solve_network
-from fixedpoint.contraction import ContractionReport, Norm, analyze
+from fixedpoint.contraction import ContractionReport, Norm, analyze, estimated_step_norms
 from fixedpoint.solvers import DEFAULT_TOLERANCES, Sequential, Solver
 
 
@@ -32,6 +32,7 @@ class Comparison:
         solver_seconds: median wall time of :func:`solve_network` over the repetitions.
         reference_seconds: median wall time of the ``torch.nn`` module's forward.
         repeats: timed repetitions of each.
+        lipschitz_estimated: with ``certify``, ``max ‖J_t‖`` along every solved layer (estimate).
     """
 
     solution: NetworkSolution
@@ -39,6 +40,8 @@ class Comparison:
     solver_seconds: float
     reference_seconds: float
     repeats: int
+    lipschitz_estimated: float | None = None
+    norm: str | None = None
 
     @property
     def time_ratio(self) -> float:
@@ -73,6 +76,7 @@ def compare_with_torch(
     repeats: int = 1,
     max_steps: int | None = None,
     callback: Callable[..., None] | None = None,
+    certify: Norm | None = None,
 ) -> Comparison:
     """Solve ``network`` on ``inputs`` and compare with ``network.to_torch()``.
 
@@ -82,7 +86,7 @@ def compare_with_torch(
     duration (matmul and cuDNN), so that float32 means float32 on both sides.
     """
     with _without_tf32():
-        return _compare(network, inputs, solver, hx, repeats, max_steps, callback)
+        return _compare(network, inputs, solver, hx, repeats, max_steps, callback, certify)
 
 
 @contextlib.contextmanager
@@ -104,6 +108,7 @@ def _compare(
     repeats: int,
     max_steps: int | None,
     callback: Callable[..., None] | None,
+    certify: Norm | None,
 ) -> Comparison:
     module = network.to_torch()
     warm_length = min(inputs.shape[1 if network.batch_first else 0], 8)
@@ -116,11 +121,21 @@ def _compare(
     solution = None
     reference = None
     for _ in range(repeats):
-        solution = solve_network(network, inputs, hx, solver, max_steps=max_steps, throw=False, callback=callback)
+        solution = solve_network(
+            network, inputs, hx, solver, max_steps=max_steps, throw=False, callback=callback, certify=certify
+        )
         solver_times.append(solution.wall_time)
         reference, seconds = _timed(lambda: run_reference(module, inputs, hx), inputs.device)
         reference_times.append(seconds)
+    estimated = None
+    if certify is not None and solution.converged:
+        norms = [
+            estimated_step_norms(s.system, s.value, certify)[1:] for s in solution.solutions if s.system.seq_len > 1
+        ]
+        estimated = max((float(n.max()) for n in norms), default=None)
     return Comparison(
+        lipschitz_estimated=estimated,
+        norm=certify,
         solution=solution,
         max_abs_diff=max_abs_difference(solution, reference),
         solver_seconds=statistics.median(solver_times),

@@ -67,11 +67,22 @@ def _product(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor
     return corners.amin(0), corners.amax(0)
 
 
+#: Exact ``‖diag(d̄) W‖_2`` (one SVD per position and sample) while ``count · H³`` stays below
+#: this; beyond it the cheaper, looser ``max(d̄)·‖W‖_2``, also certified.
+EXACT_SCALED_NORM_BUDGET = 2**30
+
+
 def _scaled_norm(scale: Tensor, matrix: Tensor, norm: Norm) -> Tensor:
-    """``‖diag(scale) W‖`` for ``scale (..., H) ≥ 0``; it bounds ``‖diag(d) W‖`` for all ``|d| ≤ scale``."""
+    """A bound on ``‖diag(d) W‖`` for all ``|d| ≤ scale`` (``scale (..., H) ≥ 0``).
+
+    ∞-norm: the row sums ``scale_j Σ_k |W_jk|`` (the caller takes the max over rows).
+    2-norm: ``‖diag(scale) W‖_2`` exactly, or ``max(scale)·‖W‖_2`` past the budget above.
+    """
     if norm == "inf":
-        return scale * matrix.abs().sum(-1)  # row sums; the caller takes the max over rows
-    return torch.linalg.matrix_norm(scale.unsqueeze(-1) * matrix, ord=2)
+        return scale * matrix.abs().sum(-1)
+    if scale[..., 0].numel() * matrix.shape[-1] ** 3 <= EXACT_SCALED_NORM_BUDGET:
+        return torch.linalg.matrix_norm(scale.unsqueeze(-1) * matrix, ord=2)
+    return scale.amax(-1) * torch.linalg.matrix_norm(matrix, ord=2)
 
 
 def _rows_max(values: Tensor, norm: Norm) -> Tensor:
@@ -287,14 +298,14 @@ def certified_global_bound(cell: Cell, norm: Norm = "2", seq_len: int | None = N
     if isinstance(cell, ElmanCell):
         w = cell.weight_hh
         return float(w.abs().sum(-1).max() if norm == "inf" else torch.linalg.matrix_norm(w, ord=2))
+    # GRU/LSTM: the step bound with every input pre-activation in (−∞, ∞).  It is ≥ 1 in exact
+    # arithmetic (z → 1, f → 1 give the identity); the clamp keeps rounding from saying otherwise.
     if isinstance(cell, GRUCell):
-        # sup over all inputs: z ∈ [0, 1], r ∈ [0, 1], tanh' ≤ 1, σ' ≤ 1/4 — drive the
-        # pre-activation intervals to (−∞, ∞) with an infinite input projection.
-        return _unbounded_input_bound(cell, norm, seq_len=1)
+        return max(1.0, _unbounded_input_bound(cell, norm, seq_len=1))
     if isinstance(cell, LSTMCell):
         if seq_len is None:
             raise InputError("an LSTM's global bound depends on the sequence length: pass seq_len")
-        return _unbounded_input_bound(cell, norm, seq_len=seq_len)
+        return max(1.0, _unbounded_input_bound(cell, norm, seq_len=seq_len))
     raise InputError(f"no contraction analysis for {type(cell).__name__}")
 
 
@@ -320,9 +331,12 @@ EXACT_SVD_MAX_STATE = 256
 def operator_norms(jacobians: Tensor, norm: Norm, lstm_hidden: int | None = None) -> Tensor:
     """``‖J‖`` of a batch of Jacobians ``(..., S, S)`` → ``(...)``.
 
-    For LSTM (``lstm_hidden = H``) the norm on states is ``max(‖h‖, ‖c‖)`` and the result is
-    ``max(‖J_hh‖ + ‖J_hc‖, ‖J_ch‖ + ‖J_cc‖)``, which bounds the operator norm from above.
+    For LSTM (``lstm_hidden = H``) the norm on states is ``max(‖h‖, ‖c‖)``: in the ∞-norm that is
+    ``‖s‖_∞`` and the result is exact; in the 2-norm it is ``max(‖J_hh‖ + ‖J_hc‖, ‖J_ch‖ + ‖J_cc‖)``,
+    an upper estimate of the operator norm.
     """
+    if norm == "inf":  # max(‖h‖∞, ‖c‖∞) is ‖s‖∞: the full row sums, LSTM included
+        return jacobians.abs().sum(-1).amax(-1)
     if lstm_hidden is not None:
         h = lstm_hidden
         blocks = [[jacobians[..., :h, :h], jacobians[..., :h, h:]], [jacobians[..., h:, :h], jacobians[..., h:, h:]]]
@@ -469,3 +483,57 @@ def analyze(system: SequenceSystem, norm: Norm = "2", *, atol: float, states: Te
         predicted_iterations=predicted_picard_iterations(bounds, atol),
         verdict=verdict,
     )
+
+
+# -- spectral normalisation ----------------------------------------------------------------------
+def scale_to_certified_bound(
+    cell: Cell,
+    target: float,
+    norm: Norm = "2",
+    *,
+    inputs: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    bisection_steps: int = 60,
+) -> tuple[Cell, float]:
+    """Multiply ``W_hh`` by the largest factor whose certified bound is ``≤ target``.
+
+    Without ``inputs`` the bound is the global one; with ``inputs (T, B, I)`` it is the
+    data-conditional bound on them (``max_{t ≥ 2}``).  Elman's global bound is linear in the
+    factor and solved exactly; otherwise the factor is found by bisection (the interval bounds
+    grow with the factor) and the returned cell's bound is checked to be ``≤ target``.
+
+    Returns:
+        The rescaled cell and the factor applied.
+    """
+    norm = check_norm(norm)
+    if not isinstance(target, (int, float)) or not math.isfinite(target) or target <= 0:
+        raise InputError(f"target must be a finite number > 0, got {target!r}")
+
+    def bound(factor: float) -> float:
+        scaled = cell.with_tensors(weight_hh=cell.weight_hh * factor)
+        if inputs is None:
+            return certified_global_bound(scaled, norm, seq_len=1)
+        system = SequenceSystem.build(scaled, inputs, initial_state)
+        steps = certified_step_bounds(system, norm).lipschitz
+        return float((steps[1:] if steps.shape[0] > 1 else steps).max())
+
+    if isinstance(cell, ElmanCell) and inputs is None:
+        current = bound(1.0)
+        factor = target / current if current > 0 else 1.0
+        return cell.with_tensors(weight_hh=cell.weight_hh * factor), factor
+    floor = bound(0.0)
+    if floor > target:
+        where = "for every input" if inputs is None else "on these inputs"
+        raise InputError(
+            f"no scaling of W_hh reaches a certified bound of {target:g} {where}: even W_hh = 0 gives "
+            f"{floor:.4g}" + ("; pass inputs for the data-conditional bound" if inputs is None else "")
+        )
+    low, high = 0.0, 1.0
+    while bound(high) <= target:
+        low, high = high, 2 * high
+        if high > 1e12:
+            raise InputError("the certified bound does not grow with W_hh; nothing to rescale")
+    for _ in range(bisection_steps):
+        middle = (low + high) / 2
+        low, high = (middle, high) if bound(middle) <= target else (low, middle)
+    return cell.with_tensors(weight_hh=cell.weight_hh * low), low

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -77,7 +78,8 @@ def test_human_table(capsys):
     code = main(["solve", "--cell", "lstm", "--seq-len", "20", "--batch", "2", "--hidden", "4"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "converged   yes" in out and "against torch.nn.LSTM" in out
+    assert re.search(r"^converged\s+yes$", out, re.MULTILINE) and "against torch.nn.LSTM" in out
+    assert re.search(r"^contraction\s+.*predicted Picard iterations \d+", out, re.MULTILINE)
 
 
 def test_weights_and_inputs_files(capsys, tmp_path):
@@ -229,3 +231,14 @@ def test_check_json_contract(capsys, cell, norm):
     assert 1 <= report["predicted_iterations"] <= 40
     if cell != "elman":
         assert report["global_bound"] >= 1  # no uniform contraction for gated cells
+
+
+def test_solve_reports_certificates(capsys):
+    code, report = run_json(capsys, "--cell", "elman", "--scale", "0.5", "--seq-len", "60", "--batch", "3", "--hidden", "8")
+    assert code == 0 and report["norm"] == "2"
+    assert report["lipschitz_certified"] is not None and report["lipschitz_certified"] < 1
+    assert report["lipschitz_estimated"] <= report["lipschitz_certified"]
+    assert report["iterations"] <= report["predicted_iterations"]
+    assert report["max_abs_diff"] <= report["error_bound"] + 1e-15  # the certified bound holds
+    code, report = run_json(capsys, "--cell", "lstm", "--seq-len", "30", "--batch", "2", "--hidden", "4")
+    assert report["lipschitz_certified"] is None and report["error_bound"] is None
