@@ -411,6 +411,8 @@ def _run_check(args: argparse.Namespace) -> int:
         "conditional_bound": max(r.conditional_bound for r in reports),
         "estimated": worst([r.estimated for r in reports]),
         "predicted_iterations": sum(int(r.predicted_iterations.max()) for r in reports),
+        "observed_iterations": sum(c.picard_iterations for c in checks),
+        "observed_rate": _all_or_none([c.observed_rate for c in checks], max),
         "verdict": max((r.verdict for r in reports), key=order.index),
         "per_solve": [
             {
@@ -420,6 +422,8 @@ def _run_check(args: argparse.Namespace) -> int:
                 "conditional_bound": c.report.conditional_bound,
                 "estimated": c.report.estimated,
                 "predicted_iterations": int(c.report.predicted_iterations.max()),
+                "observed_iterations": c.picard_iterations,
+                "observed_rate": c.observed_rate,
                 "verdict": c.report.verdict,
             }
             for c in checks
@@ -429,6 +433,7 @@ def _run_check(args: argparse.Namespace) -> int:
         print(json.dumps(_json_safe(result), allow_nan=False))
         return 0
     estimated = "n/a" if result["estimated"] is None else f"{result['estimated']:.4g}"
+    rate = "n/a" if result["observed_rate"] is None else f"{result['observed_rate']:.3g}"
     rows = [
         ("problem", f"{network.describe()}, T={result['seq_len']}, B={result['batch']}, H={result['hidden']}, "
                     f"layers={result['layers']}, {result['dtype']}"),
@@ -437,6 +442,7 @@ def _run_check(args: argparse.Namespace) -> int:
         ("certified, these inputs", f"{result['conditional_bound']:.4g}  (max over steps t ≥ 2)"),
         ("estimated ‖J_t‖ on solution", f"{estimated}  (estimate, no guarantee)"),
         ("predicted Picard iterations", f"{result['predicted_iterations']}  (certified, to atol {result['atol']:g})"),
+        ("observed Picard iterations", f"{result['observed_iterations']}, rate {rate}  (observed)"),
         ("verdict", result["verdict"]),
     ]
     width = max(len(name) for name, _ in rows)

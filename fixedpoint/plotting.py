@@ -202,3 +202,153 @@ def _draw_wavefront_panel(
     )
     axis.legend(loc="upper right", fontsize=8, framealpha=0.8)
     return image
+
+
+# -- contraction (data written by analysis/contraction.py) ---------------------------------------
+from matplotlib import ticker  # noqa: E402
+
+__all__ += ["plot_contraction_rate", "plot_contraction_looseness"]
+
+#: Colours of the contraction figures: what each number is, not which norm (line style says that).
+CONTRACTION_COLOURS: dict[str, str] = {
+    "observed": "tab:blue",
+    "certified": "tab:red",
+    "estimated": "tab:green",
+    "sampled": "tab:purple",
+}
+#: Line style per norm in the contraction figures.
+NORM_STYLES: dict[str, str] = {"2": "-", "inf": "--"}
+NORM_LABELS: dict[str, str] = {"2": "2-norm", "inf": "∞-norm"}
+
+
+def _values(values: Sequence[float | None]) -> np.ndarray:
+    """A list with ``None`` entries (JSON null) as a float array with NaN there."""
+    return np.asarray([np.nan if value is None else value for value in values], dtype=float)
+
+
+def plot_contraction_rate(data: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """Observed Picard convergence against the certified and estimated contraction, per cell.
+
+    One column per cell; the ``W_hh`` scale on the x-axis (log).  Top row (log): the observed
+    Picard rate, the certified data-conditional ``L`` in both norms and the estimated
+    ``max_t ‖J_t‖`` along the solution in both norms, with ``L = 1`` marked.  Bottom row (log):
+    the observed Picard iterations beside the certified a-priori iteration count in both norms,
+    with ``T`` (finite termination) marked.
+
+    Args:
+        data: the ``"rate"`` entry of ``contraction.json``: ``config`` (``seq_len, batch,
+            hidden_size, dtype, atol, rtol, weight_seed, input_seed``) and ``panels``, one per
+            cell, each with ``title``, ``scales``, ``observed_rate`` (floats or null),
+            ``iterations``, ``result``, and per norm (``"2"``, ``"inf"``) the lists
+            ``certified``, ``estimated`` and ``predicted_iterations``.
+        path: where to write the PNG.
+
+    Returns:
+        The figure (already saved).
+    """
+    config = data["config"]
+    panels = data["panels"]
+    steps = config["seq_len"]
+    figure = Figure(figsize=(4.2 * len(panels), 7.6), layout="constrained")
+    grid = figure.subplots(2, len(panels), squeeze=False, sharex=True)
+    for column, panel in enumerate(panels):
+        scales = np.asarray(panel["scales"], dtype=float)
+        top, bottom = grid[0][column], grid[1][column]
+        for norm, style in NORM_STYLES.items():
+            top.plot(scales, _positive(panel["certified"][norm]), color=CONTRACTION_COLOURS["certified"],
+                     ls=style, marker="s", ms=3.5, lw=1.4, label=f"certified L ({NORM_LABELS[norm]})")
+            top.plot(scales, _positive(_values(panel["estimated"][norm])), color=CONTRACTION_COLOURS["estimated"],
+                     ls=style, marker="^", ms=3.5, lw=1.4, label=f"estimated max‖J_t‖ ({NORM_LABELS[norm]})")
+            bottom.plot(scales, np.asarray(panel["predicted_iterations"][norm], dtype=float),
+                        color=CONTRACTION_COLOURS["certified"], ls=style, marker="s", ms=3.5, lw=1.4,
+                        label=f"certified a-priori count ({NORM_LABELS[norm]})")
+        top.plot(scales, _positive(_values(panel["observed_rate"])), color=CONTRACTION_COLOURS["observed"],
+                 marker="o", ms=5, lw=2.2, label="observed Picard rate")
+        top.axhline(1.0, color="0.4", lw=0.9, ls=":", label="L = 1")
+        bottom.plot(scales, np.asarray(panel["iterations"], dtype=float), color=CONTRACTION_COLOURS["observed"],
+                    marker="o", ms=5, lw=2.2, label="observed Picard iterations")
+        bottom.axhline(steps, color="0.4", lw=0.9, ls=":", label=f"T = {steps} (finite termination)")
+        failed = [s for s, r in zip(scales, panel["result"]) if r != "successful"]
+        if failed:
+            bottom.plot(failed, [steps] * len(failed), "x", color="k", ms=7, label="not converged")
+        top.set_yscale("log")
+        bottom.set_yscale("log")
+        bottom.set_ylim(top=steps * 1.6)
+        for axis in (top, bottom):
+            axis.set_xscale("log", base=2)
+            axis.grid(True, which="major", alpha=0.3)
+        bottom.set_xticks(scales)
+        bottom.set_xticklabels([f"{s:.2g}" for s in scales], rotation=45, fontsize=8)
+        bottom.xaxis.set_minor_locator(ticker.NullLocator())
+        bottom.set_xlabel("W_hh scale (× torch default)")
+        top.set_title(f"{panel['title']}\n{config_caption(config)}", fontsize=10)
+    grid[0][0].set_ylabel("rate / Lipschitz bound (log)")
+    grid[1][0].set_ylabel("Picard iterations to tolerance (log)")
+    grid[0][0].legend(fontsize=7.5, loc="upper left")
+    grid[1][0].legend(fontsize=7.5, loc="lower right")
+    figure.suptitle(
+        f"Picard from zero vs. contraction: certified (data-conditional, interval) and estimated (along the "
+        f"solution); atol = {config['atol']:g}, rtol = {config['rtol']:g}; weight seed {config['weight_seed']}, "
+        f"inputs N(0, 1) seed {config['input_seed']}",
+        fontsize=10,
+    )
+    _save(figure, path)
+    return figure
+
+
+def plot_contraction_looseness(data: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """How loose the certified bounds are: certified ÷ worst sampled ratio and certified ÷ estimated.
+
+    One panel per cell; the ``W_hh`` scale on the x-axis (log), the factor on the y-axis (log,
+    1 = tight).  Colour: what the certified bound is divided by; line style: the norm; marker:
+    the hidden size.
+
+    Args:
+        data: the ``"looseness"`` entry of ``contraction.json``: ``config`` (``seq_len, batch,
+            dtype, hidden_sizes``) and ``rows``, each with ``cell``, ``title``, ``hidden_size``,
+            ``scale`` and ``norms[norm]`` holding ``certified_over_sampled`` and
+            ``certified_over_estimated`` (floats or null).
+        path: where to write the PNG.
+
+    Returns:
+        The figure (already saved).
+    """
+    config = data["config"]
+    rows = data["rows"]
+    cells = list(dict.fromkeys(row["cell"] for row in rows))
+    titles = {row["cell"]: row["title"] for row in rows}
+    hidden_sizes = list(dict.fromkeys(row["hidden_size"] for row in rows))
+    markers = ["o", "^", "s", "D"]
+    figure = Figure(figsize=(4.2 * len(cells), 4.6), layout="constrained")
+    axes = figure.subplots(1, len(cells), squeeze=False, sharey=True)[0]
+    quantities = (("certified_over_sampled", "sampled", "÷ worst sampled ratio"),
+                  ("certified_over_estimated", "estimated", "÷ estimated max‖J_t‖"))
+    for axis, cell in zip(axes, cells):
+        for index, hidden in enumerate(hidden_sizes):
+            chosen = [row for row in rows if row["cell"] == cell and row["hidden_size"] == hidden]
+            scales = np.asarray([row["scale"] for row in chosen], dtype=float)
+            for key, colour, text in quantities:
+                for norm, style in NORM_STYLES.items():
+                    axis.plot(scales, _positive(_values([row["norms"][norm][key] for row in chosen])),
+                              color=CONTRACTION_COLOURS[colour], ls=style, marker=markers[index % len(markers)],
+                              ms=5, lw=1.3, alpha=1.0 if index == 0 else 0.6,
+                              label=f"certified {text}, {NORM_LABELS[norm]}, H = {hidden}")
+        axis.axhline(1.0, color="0.4", lw=0.9, ls=":")
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xticks(sorted({row["scale"] for row in rows}))
+        axis.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        axis.xaxis.set_minor_locator(ticker.NullLocator())
+        axis.set_xlabel("W_hh scale (× torch default)")
+        axis.set_title(f"{titles[cell]}, T={config['seq_len']}, B={config['batch']}, {config['dtype']}", fontsize=10)
+        axis.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel("looseness factor (log; 1 = tight)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=7.5)
+    figure.suptitle(
+        "Certified data-conditional Lipschitz bound divided by lower bounds of the true constant: the worst "
+        "sampled ratio ‖f(s)−f(s')‖/‖s−s'‖ in the box, and ‖J_t‖ along the solution",
+        fontsize=10,
+    )
+    _save(figure, path)
+    return figure
