@@ -57,24 +57,23 @@ def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
     return options
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
-    return value
+def _integer_parser(low: int, high: int, expected: str):
+    """An argparse type accepting integers in ``[low, high)``; ``expected`` names the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value < high:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**63 - 2:  # the inputs use seed + 1
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63 − 2), got {text!r}")
-    return value
+_positive_int = _integer_parser(1, 2**63, "an integer ≥ 1")
+_seed = _integer_parser(0, 2**63 - 2, "an integer in [0, 2**63 − 2)")  # the inputs use seed + 1
 
 
 def _nonnegative_float(text: str) -> float:
