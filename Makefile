@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 
 figures: $(STAMP)
 	$(PY) analysis/convergence.py
+	$(PY) analysis/contraction.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,8 +1,8 @@
 """Contraction of ``F``: certified Lipschitz bounds, kept apart from estimates.
 
-Certified numbers are proofs (up to floating-point rounding of the bound's own arithmetic,
-which is far below the looseness of any bound here): they hold for every state the exact
-solution *and every Picard iterate from zero* can take.  Estimates carry no guarantee.  The
+Certified numbers are proofs up to the rounding of the bound's own arithmetic (relative
+``~eps`` of the dtype; Elman's 2-norm bound can be attained, so comparisons need that slack):
+they hold for every state the exact solution *and every Picard iterate from zero* can take.  Estimates carry no guarantee.  The
 derivations are in ``docs/contraction.md``.
 
 Norms: ``"2"`` or ``"inf"`` on each position's state; for LSTM the state norm is
@@ -257,7 +257,8 @@ def _lstm_bounds(
         c_prev = f_hi[t] * c_prev + i_hi[t] * g_abs[t]
     c_in = torch.stack(c_bound)  # (T, B, H): bound on |c_{t−1}|
     c_out = torch.cat((c_in[1:], c_prev.unsqueeze(0)))  # bound on |c_t|
-    # c' = f c + i g ∈ [f_lo..f_hi]·[−C, C] + i·g: |c'| ≤ C_t; tanh' of c' sup at its nearest-zero point.
+    # |c'| ≤ C_t: the symmetric interval contains 0, so this sup is 1 (an interval for
+    # c' = f c + i g that excludes 0 would tighten it; docs/contraction.md §14).
     tanh_c_slope = _sup_tanh_slope(-c_out, c_out)
     tanh_c_abs = torch.tanh(c_out)
     coef_f = c_in * _sup_sigmoid_slope(*intervals["f"])
@@ -291,8 +292,9 @@ def certified_global_bound(cell: Cell, norm: Norm = "2", seq_len: int | None = N
 
     Elman: ``‖W_hh‖·sup|φ'|`` with ``sup tanh' = sup relu' = 1``.  GRU and LSTM have no uniform
     strict contraction (``z → 1`` or ``f → 1`` makes the cell the identity), so their bound is
-    ≥ 1; it is the data-conditional bound with every input pre-activation unbounded.  LSTM's
-    cell-state range then grows with ``t`` (``|c_t| ≤ |c_0| + t``), so it needs ``seq_len``.
+    ≥ 1; it is the data-conditional bound with every input pre-activation unbounded, for
+    ``s_0 = 0``.  LSTM's cell-state range then grows with ``t`` (``|c_t| ≤ t``), so it needs
+    ``seq_len``.
     """
     norm = check_norm(norm)
     if isinstance(cell, ElmanCell):
@@ -389,8 +391,8 @@ def predicted_picard_iterations(bounds: StepBounds, atol: float, max_steps: int 
 
     The error at position ``t`` after ``k`` sweeps obeys ``‖e^k_t‖ ≤ (Π_{u=t−k+1..t} L_u)·‖s*_{t−k}‖``
     (0 for ``t < k``).  The driver's ``m``-th iteration tests ``|S^m − S^{m−1}| < atol + rtol·|S^m|``,
-    which holds once ``E_m(t) + E_{m−1}(t) < atol`` for every ``t`` (a norm bound bounds each
-    entry).  The answer is the smallest such ``m``, and at most ``T`` (finite termination).
+    which holds once ``max_t E_m(t) + max_t E_{m−1}(t) < atol`` (a norm bound bounds each
+    entry; summing the two maxima is slightly conservative).  The answer is the smallest such ``m``, and at most ``T`` (finite termination).
     """
     lipschitz, state_norm = bounds.lipschitz, bounds.state_norm  # (T, B)
     steps = lipschitz.shape[0]
