@@ -216,7 +216,8 @@ def solve(
             if prefix == steps:  # every position exact after all
                 result = Result.successful
             break
-        next_window, state = solver.step(iterate[prefix:], image, state)
+        predecessor = system.initial_state if prefix == 0 else iterate[prefix - 1]
+        next_window, state = solver.step(iterate[prefix:], image, state, predecessor)
         iterate[prefix:] = next_window
         iterate[prefix] = image[0]  # exact: its predecessor was exact
         prefix += 1

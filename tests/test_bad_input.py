@@ -16,6 +16,7 @@ from fixedpoint import (
     InputError,
     LSTMCell,
     Network,
+    Newton,
     NoConvergence,
     Picard,
     Result,
@@ -28,8 +29,8 @@ from fixedpoint import (
 
 BAD_VALUES = [float("nan"), float("inf"), -float("inf")]
 BAD_IDS = ["nan", "inf", "-inf"]
-ALL_SOLVERS = [Sequential(), Picard(), Picard(damping=0.5), Anderson()]
-SOLVER_IDS = ["sequential", "picard", "picard-damped", "anderson"]
+ALL_SOLVERS = [Sequential(), Picard(), Picard(damping=0.5), Anderson(), Newton()]
+SOLVER_IDS = ["sequential", "picard", "picard-damped", "anderson", "newton"]
 
 
 def network_of(kind: str, nonlinearity: str = "tanh", **options) -> Network:

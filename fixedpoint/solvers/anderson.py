@@ -67,7 +67,9 @@ class Anderson(Solver):
         zeros = torch.zeros(system.batch, dtype=torch.long, device=initial_guess.device)
         return initial_guess, AndersonState(plain_steps=zeros, accelerated_steps=zeros.clone())
 
-    def step(self, iterate: Tensor, image: Tensor, state: AndersonState) -> tuple[Tensor, AndersonState]:
+    def step(
+        self, iterate: Tensor, image: Tensor, state: AndersonState, predecessor: Tensor | None = None
+    ) -> tuple[Tensor, AndersonState]:
         window = iterate.shape[0]
         residual = image - iterate
         # Windows are suffixes of the sequence: align the history by keeping its last `window` rows.

@@ -79,11 +79,15 @@ class Solver(ABC):
         return initial_guess, None
 
     @abstractmethod
-    def step(self, iterate: Tensor, image: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def step(
+        self, iterate: Tensor, image: Tensor, state: Any, predecessor: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
         """Next iterate from ``X`` and ``G = F(X)`` on the active window ``(n, B, S)``.
 
         The window is the positions not yet known to be exact; it shrinks by one position at
-        the front each iteration.  Returns the next iterate on the same window and the state.
+        the front each iteration.  ``predecessor (B, S)`` is the exact state just before the
+        window (``s_0``, or the last exact position).  Returns the next iterate on the same
+        window and the state.
         """
 
     def statistics(self, state: Any) -> dict[str, Any]:

@@ -29,7 +29,9 @@ class Picard(Solver):
         super().__post_init__()
         check_number("damping", self.damping, 0, 1, high_open=True, hint="; 0 is the plain Jacobi sweep")
 
-    def step(self, iterate: Tensor, image: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def step(
+        self, iterate: Tensor, image: Tensor, state: Any, predecessor: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
         if self.damping == 0:
             return image, state
         return image.lerp(iterate, self.damping), state

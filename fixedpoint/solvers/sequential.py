@@ -22,7 +22,9 @@ class Sequential(Solver):
     def init(self, system: SequenceSystem, initial_guess: Tensor) -> tuple[Tensor, Any]:
         return system.sequential(), None
 
-    def step(self, iterate: Tensor, image: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def step(
+        self, iterate: Tensor, image: Tensor, state: Any, predecessor: Tensor | None = None
+    ) -> tuple[Tensor, Any]:
         # Reached only when a tolerance below rounding level fails the first check: refine by
         # Picard steps, which cannot make an exact solution worse.
         return image, state
