@@ -269,15 +269,7 @@ def _report(network: Network, inputs: torch.Tensor, solver: Solver, comparison: 
     solutions = solution.solutions
     first_stats = solutions[0].stats
     return {
-        "cell": network.kind,
-        "nonlinearity": network.nonlinearity,
-        "seq_len": inputs.shape[0],
-        "batch": inputs.shape[1],
-        "hidden": network.hidden_size,
-        "input_size": network.input_size,
-        "layers": network.num_layers,
-        "bidirectional": network.bidirectional,
-        "dtype": str(network.dtype).removeprefix("torch."),
+        **_problem_fields(network, inputs),
         "dtype_source": dtype_source,
         "device": str(inputs.device),
         "solver": solver.name,
@@ -304,6 +296,21 @@ def _report(network: Network, inputs: torch.Tensor, solver: Solver, comparison: 
             [None if s.stats.error_bound is None else float(s.stats.error_bound.max()) for s in solutions], max
         ),
         "torch_version": torch.__version__,
+    }
+
+
+def _problem_fields(network: Network, inputs: torch.Tensor) -> dict[str, Any]:
+    """The keys that describe the problem, shared by every subcommand's report."""
+    return {
+        "cell": network.kind,
+        "nonlinearity": network.nonlinearity,
+        "seq_len": inputs.shape[0],
+        "batch": inputs.shape[1],
+        "hidden": network.hidden_size,
+        "input_size": network.input_size,
+        "layers": network.num_layers,
+        "bidirectional": network.bidirectional,
+        "dtype": str(network.dtype).removeprefix("torch."),
     }
 
 
@@ -397,14 +404,8 @@ def _run_check(args: argparse.Namespace) -> int:
     reports = [c.report for c in checks]
     order = ["contractive", "contractive on these inputs", "not certified (finite termination at T only)"]
     result = {
-        "cell": network.kind,
-        "nonlinearity": network.nonlinearity,
+        **_problem_fields(network, inputs),
         "norm": args.norm,
-        "seq_len": inputs.shape[0],
-        "batch": inputs.shape[1],
-        "hidden": network.hidden_size,
-        "layers": network.num_layers,
-        "dtype": str(network.dtype).removeprefix("torch."),
         "atol": args.atol if args.atol is not None else DEFAULT_TOLERANCES[network.dtype][1],
         "global_bound": max(r.global_bound for r in reports),
         "conditional_bound": max(r.conditional_bound for r in reports),
