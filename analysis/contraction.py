@@ -40,32 +40,29 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import platform
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from the source tree without installing
-    sys.path.insert(0, str(ROOT))
+from _common import (
+    DTYPE,
+    INPUT_SEED,
+    WEIGHT_SEED,
+    add_output_arguments,
+    metadata,
+    output_directory,
+    random_system,
+    write_and_reload,
+)
 
-import matplotlib  # noqa: E402
+import torch
+from torch import Tensor
 
-matplotlib.use("Agg")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from fixedpoint import Network, Picard, SequenceSystem, solve  # noqa: E402
-from fixedpoint import plotting  # noqa: E402
-from fixedpoint.cells import Cell, ElmanCell, LSTMCell  # noqa: E402
-from fixedpoint.contraction import (  # noqa: E402
+from fixedpoint import Picard, SequenceSystem, solve
+from fixedpoint import plotting
+from fixedpoint.cells import Cell, ElmanCell, LSTMCell
+from fixedpoint.contraction import (
     analyze,
     certified_global_bound,
     certified_step_bounds,
@@ -74,7 +71,6 @@ from fixedpoint.contraction import (  # noqa: E402
     state_norms,
 )
 
-DTYPE = torch.float64
 NORMS = ("2", "inf")
 #: ``(id, kind, nonlinearity, title)`` for every cell studied.
 CELLS = (
@@ -83,8 +79,6 @@ CELLS = (
     ("gru", "gru", "tanh", "GRU"),
     ("lstm", "lstm", "tanh", "LSTM"),
 )
-WEIGHT_SEED = 0
-INPUT_SEED = 1
 SAMPLE_SEED = 2
 #: Near pairs start this fraction of the box width apart.
 NEAR_FRACTION = 1e-3
@@ -110,12 +104,7 @@ QUICK = {
 # -- systems ---------------------------------------------------------------------------------------
 def build_system(kind: str, nonlinearity: str, hidden: int, input_size: int, seq_len: int, batch: int,
                  scale: float) -> SequenceSystem:
-    """torch.nn's default initialisation from ``WEIGHT_SEED`` with ``W_hh × scale``; inputs N(0, 1)."""
-    network = Network.random(kind, input_size, hidden, scale=scale, seed=WEIGHT_SEED,
-                             nonlinearity=nonlinearity, dtype=DTYPE)
-    generator = torch.Generator().manual_seed(INPUT_SEED)
-    inputs = torch.randn(seq_len, batch, input_size, generator=generator, dtype=DTYPE)
-    return SequenceSystem.build(network.cells[0][0], inputs)
+    return random_system(kind, input_size, hidden, seq_len, batch, scale, nonlinearity)
 
 
 def predecessor_boxes(system: SequenceSystem) -> tuple[Tensor, Tensor]:
@@ -418,47 +407,12 @@ def markdown_table(looseness: dict[str, Any], stamp: str) -> str:
     return "\n".join(lines)
 
 
-def metadata(quick: bool, sizes: dict[str, Any], threads: int) -> dict[str, Any]:
-    return {
-        "script": "analysis/contraction.py",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": quick,
-        "sizes": sizes,
-        "dtype": "float64",
-        "device": "cpu",
-        "weight_seed": WEIGHT_SEED,
-        "input_seed": INPUT_SEED,
-        "sample_seed": SAMPLE_SEED,
-        "weights": "Network.random: torch.nn default U(−1/√H, 1/√H), W_hh multiplied by scale",
-        "inputs": "standard normal, torch.randn with torch.Generator().manual_seed(input_seed)",
-        "initial_state": "zeros",
-        "tolerances": "Picard defaults for the dtype (see fixedpoint.solvers.base.DEFAULT_TOLERANCES)",
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "matplotlib": matplotlib.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch_threads": threads,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="output directory (default: figures/ of the repository; with --quick a new temporary directory)",
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (seconds)")
+    add_output_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
-    if args.out is not None:
-        out = Path(args.out)
-    elif args.quick:
-        out = Path(tempfile.mkdtemp(prefix="fixedpoint-contraction-"))
-    else:
-        out = ROOT / "figures"
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_directory(args, "fixedpoint-contraction-")
     torch.set_num_threads(max(1, args.threads))
     sizes = QUICK if args.quick else FULL
 
@@ -472,17 +426,17 @@ def main(argv: list[str] | None = None) -> int:
     looseness = looseness_study(loose_sizes)
     compute_seconds = time.perf_counter() - started
 
-    meta = metadata(args.quick, sizes, torch.get_num_threads())
+    meta = metadata(
+        "analysis/contraction.py",
+        args.quick,
+        sizes,
+        sample_seed=SAMPLE_SEED,
+        tolerances="Picard defaults for the dtype (fixedpoint.solvers.base.DEFAULT_TOLERANCES)",
+    )
     meta["seconds"] = {"rate_study": round(rate_seconds, 2), "total_compute": round(compute_seconds, 2)}
     data = {"metadata": meta, "rate": rate, "looseness": looseness}
     json_path = out / "contraction.json"
-    with open(json_path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, separators=(",", ":"), allow_nan=False)
-        handle.write("\n")
-
-    # Draw from the JSON as written, so the figures show exactly what the file holds.
-    with open(json_path, encoding="utf-8") as handle:
-        stored = json.load(handle)
+    stored = write_and_reload(json_path, data)
     plotting.plot_contraction_rate(stored["rate"], out / "contraction_rate.png")
     plotting.plot_contraction_looseness(stored["looseness"], out / "contraction_looseness.png")
     print()

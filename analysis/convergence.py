@@ -22,37 +22,31 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from the source tree without installing
-    sys.path.insert(0, str(ROOT))
+from _common import (
+    DTYPE,
+    INPUT_SEED,
+    WEIGHT_SEED,
+    add_output_arguments,
+    metadata,
+    output_directory,
+    random_system,
+    write_and_reload,
+)
 
-import matplotlib  # noqa: E402
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
+from fixedpoint import Anderson, Picard, SequenceSystem, Solver, solve
+from fixedpoint import plotting
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from fixedpoint import Anderson, Network, Picard, SequenceSystem, Solver, solve  # noqa: E402
-from fixedpoint import plotting  # noqa: E402
-
-DTYPE = torch.float64
 CELLS = (("elman", "Elman (tanh)"), ("gru", "GRU"), ("lstm", "LSTM"))
 WAVEFRONT_CELL = "gru"
 WAVEFRONT_SCALES = (1.0, 3.0)
 CLIP_FLOOR = 1e-16
-WEIGHT_SEED = 0
-INPUT_SEED = 1
 
 FULL = {"seq_len": 512, "batch": 16, "hidden_size": 64, "input_size": 64, "wavefront_seq_len": 256}
 QUICK = {"seq_len": 32, "batch": 2, "hidden_size": 8, "input_size": 8, "wavefront_seq_len": 24}
@@ -64,12 +58,7 @@ def _solvers() -> list[tuple[str, str, Solver]]:
 
 
 def _system(kind: str, sizes: dict[str, int], seq_len: int, scale: float) -> SequenceSystem:
-    network = Network.random(
-        kind, sizes["input_size"], sizes["hidden_size"], scale=scale, seed=WEIGHT_SEED, dtype=DTYPE
-    )
-    generator = torch.Generator().manual_seed(INPUT_SEED)
-    inputs = torch.randn(seq_len, sizes["batch"], sizes["input_size"], generator=generator, dtype=DTYPE)
-    return SequenceSystem.build(network.cells[0][0], inputs)
+    return random_system(kind, sizes["input_size"], sizes["hidden_size"], seq_len, sizes["batch"], scale)
 
 
 def _traced_solve(system: SequenceSystem, solver: Solver, exact: torch.Tensor) -> dict[str, Any]:
@@ -148,7 +137,7 @@ def residual_study(sizes: dict[str, int], log: Any = print) -> dict[str, Any]:
 
 
 def _config(sizes: dict[str, int], seq_len: int, **extra: Any) -> dict[str, Any]:
-    """The metadata every study records beside its numbers."""
+    """The sizes and seeds of one study, beside its numbers (the figures' titles read them)."""
     return {
         "seq_len": seq_len,
         "batch": sizes["batch"],
@@ -191,43 +180,11 @@ def wavefront_study(sizes: dict[str, int], log: Any = print) -> dict[str, Any]:
     return {"config": config, "clip_floor": CLIP_FLOOR, "panels": panels}
 
 
-def metadata(quick: bool, sizes: dict[str, int]) -> dict[str, Any]:
-    return {
-        "script": "analysis/convergence.py",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": quick,
-        "sizes": sizes,
-        "dtype": str(DTYPE).replace("torch.", ""),
-        "weight_seed": WEIGHT_SEED,
-        "input_seed": INPUT_SEED,
-        "weights": "Network.random: torch.nn default U(−1/√H, 1/√H), W_hh multiplied by scale",
-        "tolerances": "solver defaults for the dtype (see fixedpoint.solvers.base.DEFAULT_TOLERANCES)",
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "matplotlib": matplotlib.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="output directory (default: figures/ of the repository; with --quick a new temporary directory)",
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (seconds)")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
-    if args.out is not None:
-        out = Path(args.out)
-    elif args.quick:
-        out = Path(tempfile.mkdtemp(prefix="fixedpoint-convergence-"))
-    else:
-        out = ROOT / "figures"
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_directory(args, "fixedpoint-convergence-")
     sizes = dict(QUICK if args.quick else FULL)
 
     started = time.perf_counter()
@@ -240,20 +197,19 @@ def main(argv: list[str] | None = None) -> int:
 
     data = {
         "metadata": {
-            **metadata(args.quick, sizes),
+            **metadata(
+                "analysis/convergence.py",
+                args.quick,
+                sizes,
+                tolerances="solver defaults for the dtype (fixedpoint.solvers.base.DEFAULT_TOLERANCES)",
+            ),
             "seconds": {"residual_study": round(residual_seconds, 2), "total_compute": round(compute_seconds, 2)},
         },
         "residuals": residuals,
         "wavefront": wavefront,
     }
     json_path = out / "convergence.json"
-    with open(json_path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, separators=(",", ":"))
-        handle.write("\n")
-
-    # Draw from the JSON as written, so the figures show exactly what the file holds.
-    with open(json_path, encoding="utf-8") as handle:
-        stored = json.load(handle)
+    stored = write_and_reload(json_path, data)
     plotting.plot_residuals(stored["residuals"], out / "convergence_residual.png")
     plotting.plot_wavefront(stored["wavefront"], out / "picard_wavefront.png")
     total = time.perf_counter() - started

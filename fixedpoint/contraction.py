@@ -128,6 +128,16 @@ def _box_radius(cell: Cell, initial_state: Tensor) -> Tensor:
     return torch.clamp(cell.hidden_of(initial_state).abs().amax(-1), min=1.0)[None, :, None]
 
 
+def _gate_intervals(cell: Cell, p_lo: Tensor, p_hi: Tensor, rho: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per gate, the interval of ``p + W_h· h`` over ``|h| ≤ ρ``: ``p ± ρ·Σ_k |W_jk|``, each ``(..., H)``."""
+    hidden = cell.hidden_size
+    return [
+        (p_lo[..., k * hidden : (k + 1) * hidden] - rho * w.abs().sum(-1),
+         p_hi[..., k * hidden : (k + 1) * hidden] + rho * w.abs().sum(-1))
+        for k, w in enumerate(cell.gate_weights())
+    ]
+
+
 def _vector_norm(values: Tensor, norm: Norm) -> Tensor:
     return values.abs().amax(-1) if norm == "inf" else values.norm(dim=-1)
 
@@ -173,12 +183,10 @@ def _gru_coefficients(cell: GRUCell, p_lo: Tensor, p_hi: Tensor, rho: Tensor) ->
     ``β = (1−z)(1−n²) q r(1−r)``, ``γ = (h−n) z(1−z)`` (docs/contraction.md).
     """
     hidden = cell.hidden_size
-    w_r, w_z, w_n = cell.gate_weights()
+    w_n = cell.gate_weights()[2]
     zero = torch.zeros(hidden, dtype=p_lo.dtype, device=p_lo.device)
     b_n = cell.bias_hh[2 * hidden :] if cell.bias_hh is not None else zero
-    gate = lambda k, w: (p_lo[..., k * hidden : (k + 1) * hidden] - rho * w.abs().sum(-1),  # noqa: E731
-                         p_hi[..., k * hidden : (k + 1) * hidden] + rho * w.abs().sum(-1))
-    r_pre, z_pre = gate(0, w_r), gate(1, w_z)
+    r_pre, z_pre, _ = _gate_intervals(cell, p_lo, p_hi, rho)  # n's pre-activation holds r ⊙ q
     r_hi = torch.sigmoid(r_pre[1])
     q = (b_n - rho * w_n.abs().sum(-1), b_n + rho * w_n.abs().sum(-1))  # q = W_hn h + b_hn
     rq = _product((torch.sigmoid(r_pre[0]), r_hi), q)
@@ -233,18 +241,11 @@ def _gru_bounds(
 def _lstm_bounds(
     cell: LSTMCell, projected: tuple[Tensor, Tensor], initial_state: Tensor, norm: Norm, chunk: int
 ) -> StepBounds:
-    hidden = cell.hidden_size
     p_lo, p_hi = projected
     steps = p_lo.shape[0]
     rho = _box_radius(cell, initial_state)
     w_i, w_f, w_g, w_o = cell.gate_weights()
-    intervals = {
-        name: (
-            p_lo[..., k * hidden : (k + 1) * hidden] - rho * w.abs().sum(-1),
-            p_hi[..., k * hidden : (k + 1) * hidden] + rho * w.abs().sum(-1),
-        )
-        for k, (name, w) in enumerate((("i", w_i), ("f", w_f), ("g", w_g), ("o", w_o)))
-    }
+    intervals = dict(zip("ifgo", _gate_intervals(cell, p_lo, p_hi, rho)))
     i_hi = torch.sigmoid(intervals["i"][1])
     f_hi = torch.sigmoid(intervals["f"][1])
     g_abs = _sup_abs(torch.tanh(intervals["g"][0]), torch.tanh(intervals["g"][1]))
