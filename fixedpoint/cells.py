@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fixedpoint.errors import InputError
+from fixedpoint.scan import linear_recurrence
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -141,9 +142,50 @@ class Cell(ABC):
         Formulas: docs/contraction.md; tests check them against ``torch.func`` and ``sympy``.
         """
 
+    @abstractmethod
+    def unit_jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        """The part of ``∂f/∂s`` that couples each unit with itself, for quasi-Newton.
+
+        Elman and GRU: the diagonal, ``(..., H)``.  LSTM: per unit ``j`` the 2×2 block of
+        ``(h'_j, c'_j)`` with respect to ``(h_j, c_j)``, ``(..., H, 2, 2)``, the layout of
+        :func:`fixedpoint.scan.linear_recurrence`'s ``"block2"`` structure.  Equal to the
+        corresponding entries of :meth:`jacobian` without forming the ``S×S`` matrices.
+        """
+
     def hidden_of(self, state: Tensor) -> Tensor:
         """The output part ``h`` of a state ``(..., S) → (..., H)``."""
         return state
+
+    def fused_sequence(self, inputs: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
+        """The sequential solution by ``torch.nn``'s own compiled kernel (cuDNN on CUDA).
+
+        ``inputs (T, B, I)``, ``initial_state (B, S)`` → the outputs ``h_t (T, B, H)`` and the
+        final state ``s_T (B, S)``.  The same recurrence as :meth:`step` applied ``T`` times, without
+        Python between the steps.  LSTM's kernel returns no ``c_t`` before the last: see
+        :meth:`states_from_hidden`.
+        """
+        hidden = self.hidden_size
+        h0 = initial_state[..., :hidden].unsqueeze(0).contiguous()
+        weights = [self.weight_ih, self.weight_hh]
+        if self.bias_ih is not None:
+            weights += [self.bias_ih, self.bias_hh]
+        # torch._VF is what torch.nn.RNN/GRU/LSTM.forward call; the arguments after the weights
+        # are has_biases, num_layers, dropout, train, bidirectional, batch_first.
+        options = (self.bias_ih is not None, 1, 0.0, False, False, False)
+        if self.kind == "lstm":
+            c0 = initial_state[..., hidden:].unsqueeze(0).contiguous()
+            output, h_n, c_n = torch._VF.lstm(inputs, (h0, c0), weights, *options)  # type: ignore[attr-defined]
+            return output, torch.cat((h_n[0], c_n[0]), dim=-1)
+        kernel = torch._VF.gru if self.kind == "gru" else getattr(torch._VF, f"rnn_{self.nonlinearity}")  # type: ignore[attr-defined]
+        output, h_n = kernel(inputs, h0, weights, *options)
+        return output, h_n[0]
+
+    def states_from_hidden(self, hidden: Tensor, inputs: Tensor, initial_state: Tensor) -> Tensor:
+        """The full states ``(T, B, S)`` of the solution whose outputs are ``hidden (T, B, H)``.
+
+        The state is ``h`` itself except for LSTM, which overrides this.
+        """
+        return hidden
 
     def gate_weights(self) -> tuple[Tensor, ...]:
         """The ``G`` recurrent blocks ``(H, H)`` of ``W_hh`` in ``torch.nn``'s gate order."""
@@ -194,6 +236,11 @@ class ElmanCell(Cell):
         slope = 1 - torch.tanh(pre) ** 2 if self.nonlinearity == "tanh" else (pre > 0).to(pre.dtype)
         return slope.unsqueeze(-1) * self.weight_hh
 
+    def unit_jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        pre = self.preactivation(state, projected_input)
+        slope = 1 - torch.tanh(pre) ** 2 if self.nonlinearity == "tanh" else (pre > 0).to(pre.dtype)
+        return slope * self.weight_hh.diagonal()
+
 
 @dataclass(frozen=True, eq=False)
 class GRUCell(Cell):
@@ -235,6 +282,12 @@ class GRUCell(Cell):
             + ((state - n) * z * (1 - z)).unsqueeze(-1) * w_z
         )
 
+    def unit_jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        r, z, q, n = self.gates(state, projected_input)
+        w_r, w_z, w_n = (w.diagonal() for w in self.gate_weights())
+        through_n = (1 - z) * (1 - n**2)
+        return z + through_n * r * w_n + through_n * q * r * (1 - r) * w_r + (state - n) * z * (1 - z) * w_z
+
 
 @dataclass(frozen=True, eq=False)
 class LSTMCell(Cell):
@@ -253,6 +306,32 @@ class LSTMCell(Cell):
     def cell_of(self, state: Tensor) -> Tensor:
         """The memory part ``c`` of a state ``(..., 2H) → (..., H)``."""
         return state[..., self.hidden_size :]
+
+    def states_from_hidden(self, hidden: Tensor, inputs: Tensor, initial_state: Tensor) -> Tensor:
+        # With every h_{t−1} known, the gates i, f, g follow from one batched product over
+        # [x_t, h_{t−1}], and c_t = f_t ⊙ c_{t−1} + i_t ⊙ g_t is a diagonal linear recurrence: a
+        # scan on CUDA, a loop of one fused op per step on a CPU.
+        size = self.hidden_size
+        h0, c0 = initial_state[..., :size], initial_state[..., size:]
+        previous_h = torch.cat((h0.unsqueeze(0), hidden[:-1]))
+        rows = slice(0, 3 * size)  # (i, f, g); o is not needed
+        weight = torch.cat((self.weight_ih[rows], self.weight_hh[rows]), dim=1)
+        joined = torch.cat((inputs, previous_h), dim=-1).view(-1, weight.shape[1])
+        if self.bias_ih is None:
+            pre = joined @ weight.T
+        else:
+            pre = torch.addmm(self.bias_ih[rows] + self.bias_hh[rows], joined, weight.T)
+        i, f, g = pre.view(*hidden.shape[:2], 3 * size).chunk(3, dim=-1)
+        forget = torch.sigmoid(f)
+        update = torch.sigmoid(i).mul_(torch.tanh(g))
+        if hidden.device.type == "cuda":
+            memory = linear_recurrence(forget, update, c0)
+        else:
+            memory = torch.empty_like(update)
+            state = c0
+            for t in range(update.shape[0]):
+                state = torch.addcmul(update[t], forget[t], state, out=memory[t])
+        return torch.cat((hidden, memory), dim=-1)
 
     def step(self, state: Tensor, projected_input: Tensor) -> Tensor:
         hidden = self.hidden_size
@@ -283,6 +362,21 @@ class LSTMCell(Cell):
         top = torch.cat((dh_dh, torch.diag_embed(through_c * f)), dim=-1)
         bottom = torch.cat((dc_dh, torch.diag_embed(f)), dim=-1)
         return torch.cat((top, bottom), dim=-2)
+
+    def unit_jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        # The diagonals of the four blocks of jacobian(), stacked per unit as [[hh, hc], [ch, cc]].
+        hidden = self.hidden_size
+        h, c = state[..., :hidden], state[..., hidden:]
+        i, f, g, o = self.preactivation(h, projected_input).chunk(4, dim=-1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        tanh_c = torch.tanh(f * c + i * g)
+        w_i, w_f, w_g, w_o = (w.diagonal() for w in self.gate_weights())
+        dc_dh = c * f * (1 - f) * w_f + g * i * (1 - i) * w_i + i * (1 - g**2) * w_g
+        through_c = o * (1 - tanh_c**2)
+        dh_dh = tanh_c * o * (1 - o) * w_o + through_c * dc_dh
+        top = torch.stack((dh_dh, through_c * f), dim=-1)
+        bottom = torch.stack((dc_dh, f), dim=-1)
+        return torch.stack((top, bottom), dim=-2)
 
 
 CELL_TYPES: dict[str, type[Cell]] = {"elman": ElmanCell, "gru": GRUCell, "lstm": LSTMCell}

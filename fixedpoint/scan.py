@@ -51,15 +51,26 @@ def _apply(transitions: Tensor, vectors: Tensor, structure: Structure) -> Tensor
         return transitions * vectors
     if structure == "dense":
         return (transitions @ vectors.unsqueeze(-1)).squeeze(-1)
+    # 2×2 blocks written out: batched 2×2 matmuls are many times slower than four products.
     half = vectors.shape[-1] // 2
-    pairs = torch.stack((vectors[..., :half], vectors[..., half:]), dim=-1)  # (..., S/2, 2)
-    out = (transitions @ pairs.unsqueeze(-1)).squeeze(-1)
-    return torch.cat((out[..., 0], out[..., 1]), dim=-1)
+    first, second = vectors[..., :half], vectors[..., half:]
+    a = transitions
+    return torch.cat(
+        (a[..., 0, 0] * first + a[..., 0, 1] * second, a[..., 1, 0] * first + a[..., 1, 1] * second), dim=-1
+    )
 
 
 def _compose(later: Tensor, earlier: Tensor, structure: Structure) -> Tensor:
     """``A_later · A_earlier``."""
-    return later * earlier if structure == "diagonal" else later @ earlier
+    if structure == "diagonal":
+        return later * earlier
+    if structure == "dense":
+        return later @ earlier
+    l00, l01, l10, l11 = later[..., 0, 0], later[..., 0, 1], later[..., 1, 0], later[..., 1, 1]
+    e00, e01, e10, e11 = earlier[..., 0, 0], earlier[..., 0, 1], earlier[..., 1, 0], earlier[..., 1, 1]
+    top = torch.stack((l00 * e00 + l01 * e10, l00 * e01 + l01 * e11), dim=-1)
+    bottom = torch.stack((l10 * e00 + l11 * e10, l10 * e01 + l11 * e11), dim=-1)
+    return torch.stack((top, bottom), dim=-2)
 
 
 def _check(transitions: Tensor, values: Tensor, initial: Tensor) -> Structure:
@@ -124,11 +135,10 @@ def _scan(transitions: Tensor, values: Tensor, initial: Tensor, structure: Struc
     offset = 1
     steps = values.shape[0]
     while offset < steps:
-        later_a, later_b = transitions[offset:], values[offset:]
-        earlier_a, earlier_b = transitions[:-offset], values[:-offset]
-        new_b = _apply(later_a, earlier_b, structure) + later_b
-        new_a = _compose(later_a, earlier_a, structure)
-        values = torch.cat((values[:offset], new_b))
-        transitions = torch.cat((transitions[:offset], new_a))
+        # Right-hand sides are evaluated into new tensors before the in-place writes.
+        new_b = _apply(transitions[offset:], values[:-offset], structure) + values[offset:]
+        if offset * 2 < steps:  # the last round needs no transitions
+            transitions[offset:] = _compose(transitions[offset:], transitions[:-offset], structure)
+        values[offset:] = new_b
         offset *= 2
     return values

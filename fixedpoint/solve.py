@@ -31,8 +31,9 @@ from torch import Tensor
 from fixedpoint.cells import check_floating
 from fixedpoint.errors import InputError, NoConvergence
 from fixedpoint.network import Network
-from fixedpoint.contraction import Norm, a_posteriori_error_bound, analyze, check_norm, state_norms
-from fixedpoint.solvers import Picard, Sequential, Solver
+from fixedpoint.contraction import ContractionReport, Norm, a_posteriori_error_bound, analyze, check_norm, state_norms
+from fixedpoint.solvers import Picard, Solver
+from fixedpoint.solvers.base import DirectSolution
 from fixedpoint.system import SequenceSystem
 
 
@@ -60,7 +61,8 @@ class Stats:
     """What a solve measured.
 
     Attributes:
-        iterations: evaluations of ``F`` over the active window.
+        iterations: evaluations of ``F`` over the active window (0 for a direct solver such as
+            :class:`~fixedpoint.solvers.Sequential`, which evaluates no residual).
         residual: ``(B,)`` final scaled residual ``ρ_b`` (< 1 when converged).
         residual_history: ``(k, B)`` scaled residual ``ρ_b`` at every iteration.
         max_abs_residual_history: ``(k, B)`` unscaled ``max |F(X) − X|`` at every iteration.
@@ -70,7 +72,8 @@ class Stats:
             ``‖R_k‖_∞ / ‖R_{k−1}‖_∞`` of the batch-wide residual; ``None`` with < 2 iterations.
         wall_time: seconds, synchronised on CUDA.
         rtol, atol: the tolerances used.
-        solver: solver-specific counters (Anderson: ``plain_steps`` per sample …).
+        solver: ``method``, the name of the solver that ran (what :class:`Auto` chose), and
+            its counters (Anderson: ``plain_steps`` per sample …).
         nonfinite_at: ``(iteration, position)`` of the first NaN/Inf, if any.
         lipschitz_certified: with ``certify``: the certified data-conditional ``L`` when < 1.
         predicted_iterations: with ``certify``: ``(B,)`` certified a-priori Picard iterations.
@@ -97,14 +100,39 @@ class Stats:
     certify_time: float = 0.0
 
 
-@dataclass
 class Solution:
-    """``value`` is ``S`` of shape ``(T, B, S)``; ``result`` says whether it is the solution."""
+    """``value`` is ``S`` of shape ``(T, B, S)``; ``result`` says whether it is the solution.
 
-    value: Tensor
-    result: Result
-    stats: Stats
-    system: SequenceSystem
+    A direct solve may leave part of ``value`` to be computed on first access (the LSTM memory
+    sequence behind ``torch.nn``'s fused kernel); :attr:`hidden` and :attr:`final_state` never
+    need it.
+    """
+
+    def __init__(
+        self,
+        value: Tensor | None,
+        result: Result,
+        stats: Stats,
+        system: SequenceSystem,
+        *,
+        hidden: Tensor | None = None,
+        final_state: Tensor | None = None,
+    ) -> None:
+        if value is None and (hidden is None or final_state is None):
+            raise InputError("a Solution needs its value, or its hidden outputs and final state")
+        self._value = value
+        self._hidden = hidden
+        self._final_state = final_state
+        self.result = result
+        self.stats = stats
+        self.system = system
+
+    @property
+    def value(self) -> Tensor:
+        """The states ``(T, B, S)``."""
+        if self._value is None:
+            self._value = self.system.states_from_hidden(self._hidden)
+        return self._value
 
     @property
     def converged(self) -> bool:
@@ -113,7 +141,15 @@ class Solution:
     @property
     def hidden(self) -> Tensor:
         """The outputs ``h_t``, ``(T, B, H)``."""
-        return self.system.cell.hidden_of(self.value)
+        return self._hidden if self._hidden is not None else self.system.cell.hidden_of(self.value)
+
+    @property
+    def final_state(self) -> Tensor:
+        """The last state ``s_T``, ``(B, S)``."""
+        return self._final_state if self._final_state is not None else self.value[-1]
+
+    def __repr__(self) -> str:
+        return f"Solution(result={self.result.name}, shape={self.system.state_shape}, stats={self.stats!r})"
 
 
 #: ``callback(iteration, iterate, image)``: called after every evaluation of ``F`` with the full
@@ -154,6 +190,7 @@ def solve(
     solver = Picard() if solver is None else solver
     if not isinstance(solver, Solver):
         raise InputError(f"solver must be a Solver configuration such as Picard(), got {solver!r}")
+    solver = solver.resolve(system)
     steps, batch, _ = system.state_shape
     if max_steps is None:
         max_steps = steps
@@ -175,6 +212,10 @@ def solve(
 
     _synchronize(iterate.device)
     started = time.perf_counter()
+    direct = solver.solve_directly(system)
+    if direct is not None:
+        _synchronize(iterate.device)
+        return _direct_solution(system, solver, direct, time.perf_counter() - started, report, certify_time, throw)
     iterate, state = solver.init(system, iterate)
     prefix = 0
     last_difference = None
@@ -247,14 +288,14 @@ def solve(
         wall_time=wall_time,
         rtol=rtol,
         atol=atol,
-        solver=solver.statistics(state),
+        solver={"method": solver.name, **solver.statistics(state)},
         nonfinite_at=nonfinite_at,
     )
     if report is not None:
         stats.lipschitz_certified = report.certified
         stats.predicted_iterations = report.predicted_iterations
-        # Picard (from zero) and sequential iterates stay in the box where L holds.
-        in_box = isinstance(solver, (Picard, Sequential)) and initial_guess is None
+        # Picard iterates from zero stay in the box where L holds.
+        in_box = isinstance(solver, Picard) and initial_guess is None
         if report.certified is not None and in_box and result is not Result.nonfinite:
             step = iterate.new_zeros(batch)
             if last_difference is not None and prefix < steps:
@@ -262,6 +303,55 @@ def solve(
             stats.error_bound = a_posteriori_error_bound(report.certified, step)
         stats.certify_time = certify_time
     solution = Solution(iterate, result, stats, system)
+    if throw and not solution.converged:
+        raise NoConvergence(solution)
+    return solution
+
+
+def _direct_solution(
+    system: SequenceSystem,
+    solver: Solver,
+    direct: DirectSolution,
+    wall_time: float,
+    report: ContractionReport | None,
+    certify_time: float,
+    throw: bool,
+) -> Solution:
+    """Statistics for a solver that returned the solution without iterating: no evaluation of
+    ``F`` and no residual (0 iterations, empty histories), exact by construction unless the
+    recurrence itself overflowed (``nonfinite_at = (0, position)``)."""
+    steps, batch, _ = system.state_shape
+    states = direct.states if direct.states is not None else direct.hidden
+    finite = torch.isfinite(states).flatten(1).all(1)  # (T,)
+    nonfinite_at = None
+    result = Result.successful
+    if not bool(finite.all()) or not bool(torch.isfinite(direct.final).all()):
+        bad = (~finite).nonzero()
+        nonfinite_at = (0, int(bad[0]) if bad.numel() else steps - 1)
+        result = Result.nonfinite
+    residual = states.new_full((batch,), 0.0 if result is Result.successful else float("inf"))
+    empty = states.new_zeros(0, batch)
+    stats = Stats(
+        iterations=0,
+        residual=residual,
+        residual_history=empty,
+        max_abs_residual_history=empty,
+        exact_prefix=steps if result is Result.successful else 0,
+        positions_evaluated=0,
+        rate=None,
+        wall_time=wall_time,
+        rtol=solver.tolerances(states.dtype)[0],
+        atol=solver.tolerances(states.dtype)[1],
+        solver={"method": solver.name},
+        nonfinite_at=nonfinite_at,
+    )
+    if report is not None:
+        stats.lipschitz_certified = report.certified
+        stats.predicted_iterations = report.predicted_iterations
+        if report.certified is not None and result is Result.successful:
+            stats.error_bound = states.new_zeros(batch)  # exact: no step left to bound
+        stats.certify_time = certify_time
+    solution = Solution(direct.states, result, stats, system, hidden=direct.hidden, final_state=direct.final)
     if throw and not solution.converged:
         raise NoConvergence(solution)
     return solution
@@ -370,7 +460,7 @@ def solve_network(
             solutions.append(solution)
             hidden = solution.hidden
             outputs.append(hidden.flip(0) if direction else hidden)
-            finals.append(solution.value[-1])
+            finals.append(solution.final_state)
         layers.append(solutions)
         layer_input = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
     _synchronize(sequence.device)

@@ -8,6 +8,8 @@ indexed from 0 here: ``S[t]`` is ``s_{t+1}``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -22,13 +24,19 @@ class SequenceSystem:
 
     Attributes:
         cell: the recurrent cell.
-        projected_inputs: ``(T, B, G·H)``, ``W_ih x_t + b_ih`` computed once for all ``t``.
+        inputs: ``(T, B, I)``, the input sequence.
         initial_state: ``(B, S)``, the given ``s_0``.
     """
 
     cell: Cell
-    projected_inputs: Tensor
+    inputs: Tensor
     initial_state: Tensor
+
+    @cached_property
+    def projected_inputs(self) -> Tensor:
+        """``(T, B, G·H)``: ``W_ih x_t`` plus the foldable biases, one product for all ``t``,
+        computed on first use (the fused sequential kernel does not need it)."""
+        return self.cell.input_projection(self.inputs)
 
     @classmethod
     def build(cls, cell: Cell, inputs: Tensor, initial_state: Tensor | None = None) -> "SequenceSystem":
@@ -61,16 +69,16 @@ class SequenceSystem:
                 )
             if initial_state.dtype != cell.dtype or initial_state.device != cell.device:
                 raise InputError("initial_state must have the dtype and device of the weights")
-        return cls(cell, cell.input_projection(inputs), initial_state)
+        return cls(cell, inputs, initial_state)
 
     # -- sizes -------------------------------------------------------------------------------
     @property
     def seq_len(self) -> int:
-        return self.projected_inputs.shape[0]
+        return self.inputs.shape[0]
 
     @property
     def batch(self) -> int:
-        return self.projected_inputs.shape[1]
+        return self.inputs.shape[1]
 
     @property
     def state_shape(self) -> tuple[int, int, int]:
@@ -89,13 +97,37 @@ class SequenceSystem:
             previous = states[start - 1 : -1]
         return self.cell.step(previous, self.projected_inputs[start:])
 
+    def previous_states(self, window: Tensor, predecessor: Tensor) -> Tensor:
+        """The states ``s_{t−1}`` that the last ``n`` positions read: ``(n, B, S)``.
+
+        ``window (n, B, S)`` holds positions ``T − n … T − 1``; ``predecessor (B, S)`` is the state
+        just before them.
+        """
+        return torch.cat((predecessor.unsqueeze(0), window[:-1]), dim=0)
+
+    def apply_window(self, window: Tensor, predecessor: Tensor) -> Tensor:
+        """``F`` on the last ``n`` positions only: ``(n, B, S) → (n, B, S)``."""
+        previous = self.previous_states(window, predecessor)
+        return self.cell.step(previous, self.projected_inputs[self.seq_len - window.shape[0] :])
+
+    def states_from_hidden(self, hidden: Tensor) -> Tensor:
+        """The solution's states ``(T, B, S)`` from its outputs ``h_t (T, B, H)``."""
+        return self.cell.states_from_hidden(hidden, self.inputs, self.initial_state)
+
     def residual(self, states: Tensor) -> Tensor:
         """``F(S) − S``, shape ``(T, B, S)``."""
         return self.apply(states) - states
 
-    def sequential(self) -> Tensor:
-        """The exact solution by the sequential loop ``s_t = f(s_{t−1}, x_t)``: ``(T, B, S)``."""
-        out = torch.empty(self.state_shape, dtype=self.projected_inputs.dtype, device=self.projected_inputs.device)
+    def sequential(self, kernel: Literal["loop", "fused"] = "loop") -> Tensor:
+        """The exact solution by the sequential loop ``s_t = f(s_{t−1}, x_t)``: ``(T, B, S)``.
+
+        ``kernel="loop"`` runs :meth:`Cell.step` in Python; ``"fused"`` runs ``torch.nn``'s
+        compiled kernel (:meth:`Cell.fused_sequence`).
+        """
+        if kernel == "fused":
+            hidden, _ = self.cell.fused_sequence(self.inputs, self.initial_state)
+            return self.states_from_hidden(hidden)
+        out = torch.empty(self.state_shape, dtype=self.inputs.dtype, device=self.inputs.device)
         state = self.initial_state
         for t in range(self.seq_len):
             state = self.cell.step(state, self.projected_inputs[t])

@@ -9,7 +9,7 @@ only says where to start (:meth:`Solver.init`) and how to turn an iterate ``X`` 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,22 @@ def check_number(
         raise InputError(f"{name} must be a finite number in {interval}, got {value!r}{hint}")
 
 
+@dataclass
+class DirectSolution:
+    """What a direct (non-iterative) solver returns.
+
+    Attributes:
+        hidden: outputs ``h_t (T, B, H)``.
+        final: the last state ``s_T (B, S)``.
+        states: ``(T, B, S)``, or ``None`` when only ``hidden`` and ``final`` were computed (the
+            LSTM memory sequence is then reconstructed on first use).
+    """
+
+    hidden: Tensor
+    final: Tensor
+    states: Tensor | None
+
+
 @dataclass(frozen=True)
 class Solver(ABC):
     """Base configuration: ``rtol``/``atol`` of the termination test (``None``: dtype default).
@@ -74,11 +90,18 @@ class Solver(ABC):
     def name(self) -> str:
         return type(self).__name__.lower()
 
+    def resolve(self, system: SequenceSystem) -> "Solver":
+        """The configuration that actually runs on ``system``; :class:`Auto` chooses one here."""
+        return self
+
+    def solve_directly(self, system: SequenceSystem) -> DirectSolution | None:
+        """A direct solver's answer, computed without iterating; ``None`` for iterative ones."""
+        return None
+
     def init(self, system: SequenceSystem, initial_guess: Tensor) -> tuple[Tensor, Any]:
         """The first iterate ``(T, B, S)`` and the solver's private state."""
         return initial_guess, None
 
-    @abstractmethod
     def step(
         self, iterate: Tensor, image: Tensor, state: Any, predecessor: Tensor | None = None
     ) -> tuple[Tensor, Any]:

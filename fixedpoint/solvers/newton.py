@@ -1,67 +1,256 @@
-"""Newton's method on ``S = F(S)``: each step is a linear recurrence, solved by a parallel scan.
+"""The Newton family on ``S = F(S)``: every step is a linear recurrence, solved by a parallel scan.
 
-Linearising ``F`` at the iterate ``X`` gives ``y_t = G_t + J_t (y_{t−1} − X_{t−1})`` with
-``G = F(X)`` and ``J_t = ∂f/∂s (X_{t−1}, x_t)``: the recurrence ``y_t = J_t y_{t−1} + b_t``,
-``b_t = G_t − J_t X_{t−1}``, started from the exact predecessor of the active window.  Newton is
-exact in one step for an affine cell and keeps finite termination (the window's first position
-is exact after every step).
+Linearising ``F`` at the iterate ``X`` gives ``y_t = G_t + A_t (y_{t−1} − X_{t−1})`` with
+``G = F(X)``: the recurrence ``y_t = A_t y_{t−1} + b_t``, ``b_t = G_t − A_t X_{t−1}``, started
+from the exact predecessor of the active window.  ``A_t`` is
 
-Safeguard: a sample whose Newton iterate is not finite takes the Picard step ``G`` instead; such
-steps are counted per sample in the statistics (``picard_steps``).
+- the full Jacobian ``J_t = ∂f/∂s (X_{t−1}, x_t)`` (``jacobian="full"``, DEER): quadratic
+  convergence, ``O(T·B·S²)`` memory and ``O(T·B·S³)`` work per step;
+- its per-unit part (``jacobian="diagonal"``, quasi-DEER): the diagonal for Elman and GRU, the
+  2×2 ``(h_j, c_j)`` blocks for LSTM, ``O(T·B·S)`` memory and work.
+
+Both are exact in one step where ``F`` is affine with that structure, and both keep finite
+termination: the driver writes the exact value of the window's first position after every step.
+
+Safe steps.  A sample whose Newton iterate is not finite, or (undamped) whose residual grew by
+more than ``max_residual_growth`` since the previous iteration, takes the Picard step ``G``
+instead.  With ``damping="backtracking"`` the step ``X + α(Y − X)`` is accepted per sample for
+the largest ``α ∈ {1, ½, ¼, …}`` (at most ``max_backtracks`` halvings) that decreases the merit
+``½ Σ_t ‖F(Z)_t − Z_t‖²`` by the Armijo factor ``1 − 2·10⁻⁴·α``, or that already meets the
+tolerance; a sample with no such ``α`` takes the Picard step.  Every safe step and every halving
+is counted per sample in the statistics; nothing is clipped or replaced silently.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from fixedpoint.scan import linear_recurrence
-from fixedpoint.solvers.base import Solver
+from fixedpoint.errors import InputError
+from fixedpoint.scan import _apply, linear_recurrence
+from fixedpoint.solvers.base import Solver, check_number
 from fixedpoint.system import SequenceSystem
+
+JacobianStructure = Literal["full", "diagonal"]
+Damping = Literal["none", "backtracking"]
+
+#: Armijo constant of the backtracking test (the usual 1e-4 of Nocedal & Wright).
+ARMIJO = 1e-4
+#: Peak bytes of a dense Newton step per position, in units of one position's Jacobians
+#: ``B·S²·itemsize``: the Jacobians, their copy in the scan, one round's products and the
+#: concatenation that replaces them.
+DENSE_MEMORY_FACTOR = 4
+#: Fraction of the free memory that a dense Newton step may plan to use.
+MEMORY_FRACTION = 0.5
+#: Below this many positions per chunk a chunked dense scan is a slow sequential loop over
+#: chunks; the guard refuses instead and names the cheaper solver.
+MIN_CHUNK = 32
 
 
 @dataclass
 class NewtonState:
-    """The system (for its Jacobians and inputs) and per-sample step counts."""
+    """The system, the chunk length chosen by the memory guard, and per-sample counters ``(B,)``."""
 
     system: SequenceSystem
-    newton_steps: Tensor  # (B,)
-    picard_steps: Tensor = field(default=None)  # type: ignore[assignment]
+    chunk: int | None
+    newton_steps: Tensor
+    safe_steps: Tensor
+    backtracks: Tensor
+    last_residual: Tensor | None = None
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device`` (CUDA: free memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 @dataclass(frozen=True)
 class Newton(Solver):
-    """Full-Jacobian Newton (DEER): ``O(T·B·S²)`` memory for the Jacobians, ``O(log T)``-deep scan.
+    """Newton (``jacobian="full"``) or quasi-Newton (``"diagonal"``), optionally damped.
 
     Args:
         rtol, atol: termination tolerances (see :class:`~fixedpoint.solvers.base.Solver`).
-        chunk: positions per scan chunk (``None``: the whole window at once).
+        jacobian: ``"full"`` or ``"diagonal"`` (per unit; 2×2 blocks for LSTM).
+        damping: ``"none"`` or ``"backtracking"`` on the merit ``½ Σ_t ‖r_t‖²``.
+        chunk: positions per Jacobian-and-scan chunk; ``None`` lets the memory guard decide
+            (the whole window when it fits).
+        memory_limit: bytes a full-Jacobian step may use; ``None``: half the free memory of the
+            device at the start of the solve.
+        max_backtracks: most step halvings per iteration with ``damping="backtracking"``.
+        max_residual_growth: undamped only: a sample whose residual grew by more than this
+            factor since the previous iteration takes a Picard step.
     """
 
+    jacobian: JacobianStructure = "full"
+    damping: Damping = "none"
     chunk: int | None = None
+    memory_limit: int | None = None
+    max_backtracks: int = 8
+    max_residual_growth: float = 1e3
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.jacobian not in ("full", "diagonal"):
+            raise InputError(f"jacobian must be 'full' or 'diagonal', got {self.jacobian!r}")
+        if self.damping not in ("none", "backtracking"):
+            raise InputError(f"damping must be 'none' or 'backtracking', got {self.damping!r}")
+        for name in ("chunk", "memory_limit", "max_backtracks"):
+            value = getattr(self, name)
+            lowest = 0 if name == "max_backtracks" else 1
+            if value is None and name != "max_backtracks":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
+                raise InputError(f"{name} must be an integer ≥ {lowest}{' or None' if lowest else ''}, got {value!r}")
+        check_number("max_residual_growth", self.max_residual_growth, 1)
+
+    @property
+    def name(self) -> str:
+        base = "newton" if self.jacobian == "full" else "quasi-newton"
+        return base if self.damping == "none" else f"damped-{base}"
+
+    # -- memory guard ----------------------------------------------------------------------------
+    def plan_chunk(self, system: SequenceSystem) -> int | None:
+        """Positions per chunk for a full-Jacobian step (``None``: all at once), or refuse.
+
+        Raises :class:`InputError` before anything is allocated when not even ``MIN_CHUNK``
+        positions of Jacobians fit in the memory budget.
+        """
+        if self.jacobian != "full":
+            return self.chunk
+        steps, batch, size = system.state_shape
+        itemsize = system.inputs.element_size()
+        per_position = DENSE_MEMORY_FACTOR * batch * size * size * itemsize
+        device = system.inputs.device
+        budget = self.memory_limit if self.memory_limit is not None else int(MEMORY_FRACTION * free_memory(device))
+        fits = budget // per_position
+        if self.chunk is not None:
+            if self.chunk * per_position <= budget:
+                return self.chunk
+            needed = self.chunk * per_position
+        elif fits >= steps:
+            return None
+        elif fits >= MIN_CHUNK:
+            return int(fits)
+        else:
+            needed = min(steps, MIN_CHUNK) * per_position
+        raise InputError(
+            f"dense Newton needs about {_gib(needed)} for its Jacobians (B·S² = {batch}·{size}² per "
+            f"position) but the budget is {_gib(budget)} on {device}; use quasi-Newton "
+            f"(Newton(jacobian='diagonal'), O(T·B·S) memory), a smaller chunk, or raise memory_limit"
+        )
+
+    # -- protocol --------------------------------------------------------------------------------
     def init(self, system: SequenceSystem, initial_guess: Tensor) -> tuple[Tensor, NewtonState]:
+        chunk = self.plan_chunk(system)
         zeros = torch.zeros(system.batch, dtype=torch.long, device=initial_guess.device)
-        return initial_guess, NewtonState(system, zeros, zeros.clone())
+        return initial_guess, NewtonState(system, chunk, zeros, zeros.clone(), zeros.clone())
 
     def step(
         self, iterate: Tensor, image: Tensor, state: NewtonState, predecessor: Tensor | None = None
     ) -> tuple[Tensor, NewtonState]:
         system = state.system
-        window = iterate.shape[0]
         if predecessor is None:
             predecessor = system.initial_state
-        previous = torch.cat((predecessor.unsqueeze(0), iterate[:-1]))  # X_{t−1}, (n, B, S)
-        jacobians = system.cell.jacobian(previous, system.projected_inputs[system.seq_len - window :])
-        values = image - (jacobians @ previous.unsqueeze(-1)).squeeze(-1)
-        newton = linear_recurrence(jacobians, values, predecessor, chunk=self.chunk)
-        finite = torch.isfinite(newton).flatten(2).all(2).all(0)  # (B,)
-        state.newton_steps += finite.long()
-        state.picard_steps += (~finite).long()
-        return torch.where(finite[None, :, None], newton, image), state
+        residual = image - iterate
+        newton = self.newton_iterate(system, iterate, image, predecessor, state.chunk)
+        if self.damping == "backtracking":
+            newton, accepted = self._backtrack(system, iterate, newton, residual, predecessor, state)
+        else:
+            accepted = torch.isfinite(newton).flatten(2).all(2).all(0)  # (B,)
+            size = residual.abs().amax(dim=(0, 2))  # (B,)
+            if state.last_residual is not None:
+                accepted &= size <= self.max_residual_growth * state.last_residual
+            state.last_residual = size
+            newton = torch.where(accepted[None, :, None], newton, image)
+        state.newton_steps += accepted.long()
+        state.safe_steps += (~accepted).long()
+        return newton, state
+
+    def newton_iterate(
+        self, system: SequenceSystem, iterate: Tensor, image: Tensor, predecessor: Tensor, chunk: int | None
+    ) -> Tensor:
+        """The (quasi-)Newton point ``Y`` of the linearisation at ``X``: ``(n, B, S)``."""
+        window = iterate.shape[0]
+        previous = system.previous_states(iterate, predecessor)
+        inputs = system.projected_inputs[system.seq_len - window :]
+        structure = "dense" if self.jacobian == "full" else ("block2" if system.cell.kind == "lstm" else "diagonal")
+        jacobian = system.cell.jacobian if self.jacobian == "full" else system.cell.unit_jacobian
+        size = chunk or window
+        pieces = []
+        start_state = predecessor
+        for start in range(0, window, size):
+            part = slice(start, start + size)
+            transitions = jacobian(previous[part], inputs[part])
+            values = image[part] - _apply(transitions, previous[part], structure)
+            piece = linear_recurrence(transitions, values, start_state)
+            del transitions, values
+            pieces.append(piece)
+            start_state = piece[-1]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _backtrack(
+        self,
+        system: SequenceSystem,
+        iterate: Tensor,
+        newton: Tensor,
+        residual: Tensor,
+        predecessor: Tensor,
+        state: NewtonState,
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample Armijo backtracking: the next iterate and the ``(B,)`` mask of samples that
+        found a step (the others take the Picard step)."""
+        rtol, atol = self.tolerances(iterate.dtype)
+        merit = 0.5 * residual.square().sum(dim=(0, 2))  # (B,)
+        direction = newton - iterate
+        pending = torch.ones_like(merit, dtype=torch.bool)
+        alpha = torch.ones_like(merit)
+        image = residual + iterate  # G, the safe step
+        for halvings in range(self.max_backtracks + 1):
+            trial = iterate + alpha[None, :, None] * direction
+            trial_image = system.apply_window(trial, predecessor)
+            trial_residual = trial_image - trial
+            trial_merit = 0.5 * trial_residual.square().sum(dim=(0, 2))
+            within = (trial_residual.abs() < atol + rtol * trial_image.abs()).flatten(2).all(2).all(0)
+            decreased = trial_merit <= (1 - 2 * ARMIJO * alpha) * merit
+            ok = pending & torch.isfinite(trial_merit) & (decreased | within)
+            newton = torch.where(ok[None, :, None], trial, newton)
+            state.backtracks += ok.long() * halvings
+            pending &= ~ok
+            if not bool(pending.any()):
+                break
+            alpha = torch.where(pending, alpha / 2, alpha)
+        return torch.where(pending[None, :, None], image, newton), ~pending
 
     def statistics(self, state: NewtonState) -> dict[str, Any]:
-        return {"newton_steps": state.newton_steps.tolist(), "picard_steps": state.picard_steps.tolist()}
+        stats = {
+            "newton_steps": state.newton_steps.tolist(),
+            "safe_steps": state.safe_steps.tolist(),
+            "chunk": state.chunk,
+        }
+        if self.damping == "backtracking":
+            stats["backtracks"] = state.backtracks.tolist()
+        return stats
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.3g} GiB" if size >= 2**20 else f"{size / 2**10:.3g} KiB"
+
+
+def QuasiNewton(**options: Any) -> Newton:  # noqa: N802 — reads as a solver class at call sites
+    """``Newton(jacobian="diagonal", …)``: quasi-DEER, per-unit Jacobians."""
+    return Newton(jacobian="diagonal", **options)
+
+

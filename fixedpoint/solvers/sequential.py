@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
-from torch import Tensor
-
-from fixedpoint.solvers.base import Solver
+from fixedpoint.errors import InputError
+from fixedpoint.solvers.base import DirectSolution, Solver
 from fixedpoint.system import SequenceSystem
 
 
@@ -15,16 +14,30 @@ from fixedpoint.system import SequenceSystem
 class Sequential(Solver):
     """``s_t = f(s_{t−1}, x_t)`` for ``t = 1 … T``, one position after another.
 
-    Its first iterate is already the solution; the driver's first residual check confirms it
-    (one parallel evaluation of ``F``), so a sequential solve reports one iteration.
+    A direct solver: the loop *is* the definition of the solution, so nothing is iterated and
+    no residual is evaluated; the solve reports 0 iterations and the whole sequence exact.
+
+    Args:
+        kernel: ``"loop"`` runs the cell's :meth:`~fixedpoint.cells.Cell.step` from Python, the
+            reference every parallel path is tested against; ``"fused"`` runs ``torch.nn``'s
+            compiled kernel (cuDNN on CUDA), the fastest exact method on a CPU.
+        rtol, atol: unused by the loop; kept so every solver takes them.
     """
 
-    def init(self, system: SequenceSystem, initial_guess: Tensor) -> tuple[Tensor, Any]:
-        return system.sequential(), None
+    kernel: Literal["loop", "fused"] = "loop"
 
-    def step(
-        self, iterate: Tensor, image: Tensor, state: Any, predecessor: Tensor | None = None
-    ) -> tuple[Tensor, Any]:
-        # Reached only when a tolerance below rounding level fails the first check: refine by
-        # Picard steps, which cannot make an exact solution worse.
-        return image, state
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kernel not in ("loop", "fused"):
+            raise InputError(f"kernel must be 'loop' or 'fused', got {self.kernel!r}")
+
+    @property
+    def name(self) -> str:
+        return "sequential" if self.kernel == "loop" else "sequential-fused"
+
+    def solve_directly(self, system: SequenceSystem) -> DirectSolution:
+        if self.kernel == "fused":
+            hidden, final = system.cell.fused_sequence(system.inputs, system.initial_state)
+            return DirectSolution(hidden, final, None)
+        states = system.sequential()
+        return DirectSolution(system.cell.hidden_of(states), states[-1], states)
