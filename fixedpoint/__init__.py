@@ -9,12 +9,12 @@ from fixedpoint.cells import Cell, ElmanCell, GRUCell, LSTMCell
 from fixedpoint.errors import InputError, NoConvergence
 from fixedpoint.network import Network, load_network
 from fixedpoint.solve import NetworkSolution, Result, Solution, Stats, solve, solve_network
-from fixedpoint.solvers import Anderson, Newton, Picard, Sequential, Solver
+from fixedpoint.solvers import Anderson, Auto, Newton, Picard, QuasiNewton, Sequential, Solver
 from fixedpoint.system import SequenceSystem
 
 __all__ = [
-    "Anderson", "Cell", "ElmanCell", "GRUCell", "InputError", "LSTMCell", "Network",
-    "NetworkSolution", "Newton", "NoConvergence", "Picard", "Result", "Sequential", "SequenceSystem",
+    "Anderson", "Auto", "Cell", "ElmanCell", "GRUCell", "InputError", "LSTMCell", "Network",
+    "NetworkSolution", "Newton", "NoConvergence", "Picard", "QuasiNewton", "Result", "Sequential", "SequenceSystem",
     "Solution", "Solver", "Stats", "load_network", "solve", "solve_network",
 ]
 __version__ = "0.1.0"

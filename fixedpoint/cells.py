@@ -33,9 +33,17 @@ def check_floating(name: str, tensor: Tensor) -> None:
         raise InputError(
             f"{name} has dtype {tensor.dtype}; use float32 or float64 (convert with .double())"
         )
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise InputError(f"{name} contains {bad} NaN/Inf value(s); the system is undefined there")
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry is finite, in one reduction: a NaN or Inf makes the sum non-finite; a
+    finite sum that overflows is re-checked entry by entry."""
+    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 @dataclass(frozen=True, eq=False)

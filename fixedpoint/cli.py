@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_problem_arguments(solve)
     run = solve.add_argument_group("solver")
-    run.add_argument("--solver", choices=sorted(SOLVERS), default="picard", help="method (default picard)")
+    run.add_argument(
+        "--solver", choices=list(SOLVERS), default="auto",
+        help="method (default auto: the fastest exact method for the device and size; damped = "
+        "Newton with backtracking)",
+    )
     run.add_argument("--max-iter", type=_positive_int, help="most iterations per layer (default T)")
     run.add_argument("--damping", type=float, help="Picard damping in [0, 1) (default 0)")
     run.add_argument("--memory", type=_positive_int, help="Anderson memory (default 5)")
@@ -264,6 +268,12 @@ def _solver(args: argparse.Namespace) -> Solver:
 
 
 # -- formatting ----------------------------------------------------------------------------------
+def _ran(report: dict[str, Any]) -> str:
+    """`` → method`` when the solver ran as something else (auto's choice)."""
+    methods = report["method"]
+    return "" if methods == [report["solver"]] else f" → {', '.join(methods)}"
+
+
 def _report(network: Network, inputs: torch.Tensor, solver: Solver, comparison: Comparison, dtype_source: str) -> dict[str, Any]:
     solution = comparison.solution
     solutions = solution.solutions
@@ -273,6 +283,7 @@ def _report(network: Network, inputs: torch.Tensor, solver: Solver, comparison: 
         "dtype_source": dtype_source,
         "device": str(inputs.device),
         "solver": solver.name,
+        "method": sorted({s.stats.solver["method"] for s in solutions}),
         "rtol": first_stats.rtol,
         "atol": first_stats.atol,
         "converged": solution.converged,
@@ -341,7 +352,7 @@ def _format_table(report: dict[str, Any]) -> str:
         ("problem", f"{report['cell']}{nonlinearity}, T={report['seq_len']}, B={report['batch']}, "
                     f"H={report['hidden']}, I={report['input_size']}, layers={report['layers']}{direction}"),
         ("numbers", f"{report['dtype']} on {report['device']}"),
-        ("solver", f"{report['solver']} (rtol {report['rtol']:.0e}, atol {report['atol']:.0e})"),
+        ("solver", f"{report['solver']}{_ran(report)} (rtol {report['rtol']:.0e}, atol {report['atol']:.0e})"),
         ("converged", status),
         ("iterations", iterations),
         ("residual", f"{report['residual']:.2e} (scaled: < 1 is within tolerance)"),

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from fixedpoint.cells import check_floating
+from fixedpoint.cells import all_finite, check_floating
 from fixedpoint.errors import InputError, NoConvergence
 from fixedpoint.network import Network
 from fixedpoint.contraction import ContractionReport, Norm, a_posteriori_error_bound, analyze, check_norm, state_norms
@@ -190,32 +190,34 @@ def solve(
     solver = Picard() if solver is None else solver
     if not isinstance(solver, Solver):
         raise InputError(f"solver must be a Solver configuration such as Picard(), got {solver!r}")
-    solver = solver.resolve(system)
     steps, batch, _ = system.state_shape
     if max_steps is None:
         max_steps = steps
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise InputError(f"max_steps must be an integer ≥ 1, got {max_steps!r}")
-    if initial_guess is None:
-        iterate = torch.zeros(system.state_shape, dtype=system.initial_state.dtype, device=system.initial_state.device)
-    else:
+    if initial_guess is not None:
         check_floating("initial_guess", initial_guess)
         if tuple(initial_guess.shape) != system.state_shape:
             raise InputError(f"initial_guess must have shape {system.state_shape}, got {tuple(initial_guess.shape)}")
         if initial_guess.dtype != system.initial_state.dtype or initial_guess.device != system.initial_state.device:
             raise InputError("initial_guess must have the dtype and device of the system")
-        iterate = initial_guess.clone()
-    rtol, atol = solver.tolerances(iterate.dtype)
+    device = system.initial_state.device
+    rtol, atol = solver.tolerances(system.initial_state.dtype)
     certify_started = time.perf_counter()
     report = None if certify is None else analyze(system, check_norm(certify), atol=atol)
     certify_time = time.perf_counter() - certify_started
 
-    _synchronize(iterate.device)
+    _synchronize(device)
     started = time.perf_counter()
+    solver = solver.resolve(system)  # Auto's choice (and its calibration) is part of the solve
     direct = solver.solve_directly(system)
     if direct is not None:
-        _synchronize(iterate.device)
+        _synchronize(device)
         return _direct_solution(system, solver, direct, time.perf_counter() - started, report, certify_time, throw)
+    if initial_guess is None:
+        iterate = torch.zeros(system.state_shape, dtype=system.initial_state.dtype, device=device)
+    else:
+        iterate = initial_guess.clone()
     iterate, state = solver.init(system, iterate)
     prefix = 0
     last_difference = None
@@ -322,11 +324,10 @@ def _direct_solution(
     recurrence itself overflowed (``nonfinite_at = (0, position)``)."""
     steps, batch, _ = system.state_shape
     states = direct.states if direct.states is not None else direct.hidden
-    finite = torch.isfinite(states).flatten(1).all(1)  # (T,)
     nonfinite_at = None
     result = Result.successful
-    if not bool(finite.all()) or not bool(torch.isfinite(direct.final).all()):
-        bad = (~finite).nonzero()
+    if not (all_finite(states) and all_finite(direct.final)):
+        bad = (~torch.isfinite(states).flatten(1).all(1)).nonzero()
         nonfinite_at = (0, int(bad[0]) if bad.numel() else steps - 1)
         result = Result.nonfinite
     residual = states.new_full((batch,), 0.0 if result is Result.successful else float("inf"))

@@ -68,7 +68,7 @@ def test_float32_and_bidirectional(capsys):
 
 
 def test_not_converged_exits_1_and_says_so(capsys):
-    code, report = run_json(capsys, "--cell", "gru", "--seq-len", "100", "--hidden", "8", "--max-iter", "3")
+    code, report = run_json(capsys, "--cell", "gru", "--seq-len", "100", "--hidden", "8", "--max-iter", "3", "--solver", "picard")
     assert code == 1
     assert report["converged"] is False and report["result"] == "max_steps_reached"
     assert report["iterations"] == 3
@@ -118,7 +118,7 @@ def test_weights_and_inputs_files(capsys, tmp_path):
         (["--seq-len", "5"], "choose a cell"),
         (["--cell", "gru", "--nonlinearity", "relu"], "applies to --cell elman only"),
         (["--cell", "gru", "--damping", "0.5", "--solver", "anderson"], "--damping applies to --solver picard"),
-        (["--cell", "gru", "--damping", "1.0"], "damping must be"),
+        (["--cell", "gru", "--solver", "picard", "--damping", "1.0"], "damping must be"),
         (["--cell", "gru", "--inputs", "/nonexistent/x.pt"], "inputs file not found"),
         (["--weights", "/nonexistent/w.pt"], "weights file not found"),
     ],

@@ -1,0 +1,74 @@
+"""``Auto``: the fastest exact method for the device and the problem size.
+
+The rule, from the benchmarks in docs/benchmarks.md:
+
+- On a CPU ``torch.nn``'s compiled sequential kernel is the fastest exact method at every size
+  measured (parallel methods evaluate the cell tens of times per position on a few cores), so
+  ``Auto`` runs :class:`Sequential` with ``kernel="fused"``.
+- On CUDA with ``T ≤ calibration_steps`` the same holds: the sequential kernel is short.
+- On CUDA with longer ``T``, a short calibration times the fused kernel on the first
+  ``calibration_steps`` positions (extrapolated linearly to ``T``) and one quasi-Newton iteration
+  on the whole sequence, and picks quasi-Newton when ``expected_iterations`` such iterations are
+  predicted to be faster.  The calibration is part of the solve's wall time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fixedpoint.errors import InputError
+from fixedpoint.solvers.base import Solver
+from fixedpoint.solvers.newton import Newton
+from fixedpoint.solvers.sequential import Sequential
+from fixedpoint.system import SequenceSystem
+
+
+@dataclass(frozen=True)
+class Auto(Solver):
+    """Choose the solver per system; the statistics' ``method`` says which ran.
+
+    Args:
+        rtol, atol: passed on to the chosen solver.
+        calibration_steps: positions the fused kernel is timed on (CUDA only).
+        expected_iterations: quasi-Newton iterations assumed by the cost model (CUDA only);
+            measured counts at ``torch.nn``'s default initialisation are 20 (GRU, LSTM) and 41
+            (Elman) at ``T = 512``.
+    """
+
+    calibration_steps: int = 256
+    expected_iterations: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("calibration_steps", "expected_iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
+
+    def resolve(self, system: SequenceSystem) -> Solver:
+        fused = Sequential(rtol=self.rtol, atol=self.atol, kernel="fused")
+        steps = system.seq_len
+        if system.inputs.device.type != "cuda" or steps <= self.calibration_steps:
+            return fused
+        quasi = Newton(rtol=self.rtol, atol=self.atol, jacobian="diagonal")
+        prefix = SequenceSystem(system.cell, system.inputs[: self.calibration_steps], system.initial_state)
+        sequential_seconds = _timed(lambda: fused.solve_directly(prefix)) * steps / self.calibration_steps
+
+        def one_iteration() -> None:
+            guess = torch.zeros(system.state_shape, dtype=system.inputs.dtype, device=system.inputs.device)
+            image = system.apply(guess)
+            quasi.newton_iterate(system, guess, image, system.initial_state, None)
+
+        iteration_seconds = _timed(one_iteration)
+        return quasi if self.expected_iterations * iteration_seconds < sequential_seconds else fused
+
+
+def _timed(function) -> float:  # type: ignore[no-untyped-def]
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    function()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
