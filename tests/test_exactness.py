@@ -12,10 +12,16 @@ import torch
 from torch import nn
 
 from conftest import BOUNDS, CELL_IDS, CELLS, generator, make_hx, max_diff, randn, reference
-from fixedpoint import Anderson, Network, Newton, Picard, Sequential, load_network, solve_network
+from fixedpoint import Anderson, Auto, Network, Newton, Picard, QuasiNewton, Sequential, load_network, solve_network
 
-SOLVERS = [Sequential(), Picard(), Picard(damping=0.5), Anderson(), Newton(), Newton(chunk=3)]
-SOLVER_IDS = ["sequential", "picard", "picard-damped", "anderson", "newton", "newton-chunked"]
+SOLVERS = [
+    Sequential(), Sequential(kernel="fused"), Auto(), Picard(), Picard(damping=0.5), Anderson(), Newton(),
+    Newton(chunk=3), QuasiNewton(), Newton(damping="backtracking"), QuasiNewton(damping="backtracking"),
+]
+SOLVER_IDS = [
+    "sequential", "sequential-fused", "auto", "picard", "picard-damped", "anderson", "newton",
+    "newton-chunked", "quasi-newton", "damped-newton", "damped-quasi-newton",
+]
 DTYPES = [torch.float64, torch.float32]
 DTYPE_IDS = ["f64", "f32"]
 INPUT_SIZE = 3

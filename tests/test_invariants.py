@@ -13,7 +13,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from conftest import CELLS, randn
-from fixedpoint import Anderson, Network, Newton, Picard, Result, Sequential, SequenceSystem, solve, solve_network
+from fixedpoint import Anderson, Network, Newton, Picard, QuasiNewton, Result, Sequential, SequenceSystem, solve, solve_network
 
 # max_examples, deadline and health checks come from the profile loaded in conftest.py.
 SETTINGS = settings()
@@ -24,6 +24,8 @@ SOLVER_CHOICES = {
     "picard-damped": lambda: Picard(damping=0.5),
     "anderson": lambda: Anderson(),
     "newton": lambda: Newton(),
+    "quasi-newton": lambda: QuasiNewton(),
+    "damped-newton": lambda: Newton(damping="backtracking"),
     "anderson-m2-mix": lambda: Anderson(memory=2, mixing=0.7),
 }
 

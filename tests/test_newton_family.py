@@ -1,0 +1,136 @@
+"""Quasi-Newton's per-unit Jacobians, damping, the memory guard, the fused kernel and Auto."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import CELL_IDS, CELLS, randn
+from fixedpoint import (
+    Auto, ElmanCell, InputError, Network, Newton, Picard, QuasiNewton, Sequential, SequenceSystem, solve, solve_network,
+)
+
+
+def per_unit_part(full: torch.Tensor, kind: str) -> torch.Tensor:
+    """The diagonal ``(..., S)`` of ``(..., S, S)``, or for LSTM the 2×2 ``(h_j, c_j)`` blocks."""
+    if kind != "lstm":
+        return full.diagonal(dim1=-2, dim2=-1)
+    hidden = full.shape[-1] // 2
+    d = lambda rows, cols: full[..., rows, cols].diagonal(dim1=-2, dim2=-1)  # noqa: E731
+    top = torch.stack((d(slice(0, hidden), slice(0, hidden)), d(slice(0, hidden), slice(hidden, None))), -1)
+    bottom = torch.stack((d(slice(hidden, None), slice(0, hidden)), d(slice(hidden, None), slice(hidden, None))), -1)
+    return torch.stack((top, bottom), -2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cell_index=st.integers(0, len(CELLS) - 1), scale=st.floats(0.25, 4.0), seed=st.integers(0, 10_000))
+def test_unit_jacobian_is_the_per_unit_part_of_autograd(cell_index, scale, seed):
+    kind, nonlinearity = CELLS[cell_index]
+    cell = Network.random(kind, 3, 4, nonlinearity=nonlinearity, scale=scale, seed=seed).cells[0][0]
+    states = randn(6, cell.state_size, seed=seed + 1)
+    projected = cell.input_projection(randn(6, 3, seed=seed + 2))
+    autograd = torch.stack([
+        torch.func.jacrev(cell.step)(states[i], projected[i]) for i in range(states.shape[0])
+    ])  # (6, S, S), one jacrev per sample, no batching
+    unit = cell.unit_jacobian(states, projected)
+    expected_shape = (6, 4, 2, 2) if kind == "lstm" else (6, 4)
+    assert unit.shape == expected_shape
+    assert float((unit - per_unit_part(autograd, kind)).abs().max()) <= 1e-12
+    assert float((unit - per_unit_part(cell.jacobian(states, projected), kind)).abs().max()) <= 1e-13
+
+
+def test_quasi_newton_is_exact_in_one_step_on_a_diagonal_linear_cell():
+    # relu with non-negative inputs, weights and biases and a diagonal W_hh: F is affine and its
+    # Jacobian is diagonal, so the quasi-Newton linearisation is F itself.
+    generator = torch.Generator().manual_seed(0)
+    hidden, steps = 6, 300
+    cell = ElmanCell(
+        torch.rand(hidden, 3, generator=generator, dtype=torch.float64),
+        torch.diag(torch.rand(hidden, generator=generator, dtype=torch.float64) * 0.9),
+        torch.rand(hidden, generator=generator, dtype=torch.float64),
+        torch.rand(hidden, generator=generator, dtype=torch.float64),
+        nonlinearity="relu",
+    )
+    system = SequenceSystem.build(cell, torch.rand(steps, 2, 3, generator=generator, dtype=torch.float64))
+    solution = solve(system, QuasiNewton())
+    assert solution.stats.iterations == 2  # one step, one confirming evaluation
+    exact = system.sequential()
+    assert float((solution.value - exact).abs().max()) <= 1e-12 * float(exact.abs().max())
+    assert solve(system, Picard()).stats.iterations > 20
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_damping_rescues_newton_on_strongly_expanding_gru_weights(seed):
+    # GRU with weights × 5 (Picard needs 213–323 of 300–400 sweeps): measured undamped Newton 40
+    # and 78 iterations, Newton with backtracking 12 and 12.
+    steps = 300 if seed == 0 else 400
+    network = Network.random("gru", 4, 8, scale=5.0, seed=seed)
+    system = SequenceSystem.build(network.cells[0][0], randn(steps, 2, 4, seed=1))
+    undamped = solve(system, Newton())
+    damped = solve(system, Newton(damping="backtracking"))
+    assert damped.stats.iterations * 2 < undamped.stats.iterations
+    counts = damped.stats.solver
+    assert [a + b for a, b in zip(counts["newton_steps"], counts["safe_steps"])] == [damped.stats.iterations - 1] * 2
+    assert sum(counts["backtracks"]) >= 1  # the line search did shorten steps, and says so
+    exact = system.sequential()
+    for solution in (undamped, damped):
+        assert float((solution.value - exact).abs().max()) <= 1e-10
+
+
+def test_failed_line_search_takes_a_counted_picard_step():
+    # Zero halvings allowed on a chaotic Elman (× 3): some full steps fail the Armijo test; they
+    # must be replaced by Picard steps and counted, and the solve still ends exact.
+    network = Network.random("elman", 4, 8, scale=3.0, seed=0)
+    system = SequenceSystem.build(network.cells[0][0], randn(200, 2, 4, seed=1))
+    solution = solve(system, Newton(damping="backtracking", max_backtracks=0))
+    assert sum(solution.stats.solver["safe_steps"]) >= 1
+    assert float((solution.value - system.sequential()).abs().max()) <= 1e-10
+
+
+def test_memory_guard_chunks_or_refuses():
+    network = Network.random("gru", 3, 6, seed=1)
+    system = SequenceSystem.build(network.cells[0][0], randn(200, 2, 3, seed=2))
+    per_position = 4 * 2 * 6 * 6 * 8  # factor · B · S² · itemsize
+    whole = solve(system, Newton())
+    assert whole.stats.solver["chunk"] is None
+    chunked = solve(system, Newton(memory_limit=50 * per_position))
+    assert chunked.stats.solver["chunk"] == 50
+    assert chunked.stats.iterations == whole.stats.iterations
+    assert float((chunked.value - whole.value).abs().max()) <= 1e-13
+    with pytest.raises(InputError, match=r"quasi-Newton \(Newton\(jacobian='diagonal'\)"):
+        solve(system, Newton(memory_limit=10 * per_position))
+    with pytest.raises(InputError, match="dense Newton needs"):
+        solve(system, Newton(chunk=100, memory_limit=50 * per_position))
+    # quasi-Newton needs no Jacobian memory guard
+    assert solve(system, QuasiNewton(memory_limit=1)).converged
+
+
+@pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
+def test_fused_kernel_equals_the_loop(kind, nonlinearity):
+    network = Network.random(kind, 3, 5, nonlinearity=nonlinearity, seed=3)
+    cell = network.cells[0][0]
+    system = SequenceSystem.build(cell, randn(40, 3, 3, seed=4), randn(3, cell.state_size, seed=5))
+    solution = solve(system, Sequential(kernel="fused"))
+    assert solution.stats.iterations == 0 and solution.stats.solver["method"] == "sequential-fused"
+    loop = system.sequential()
+    # hidden and final state come from the kernel; the LSTM memory sequence is rebuilt on access
+    assert float((solution.hidden - cell.hidden_of(loop)).abs().max()) <= 1e-13
+    assert float((solution.final_state - loop[-1]).abs().max()) <= 1e-13
+    assert float((solution.value - loop).abs().max()) <= 1e-13
+
+
+def test_auto_runs_the_fused_kernel_on_a_cpu_and_validates():
+    network = Network.random("lstm", 3, 5, num_layers=2, seed=3)
+    solution = solve_network(network, randn(30, 2, 3, seed=4), None, Auto())
+    assert {s.stats.solver["method"] for s in solution.solutions} == {"sequential-fused"}
+    for bad in ({"calibration_steps": 0}, {"expected_iterations": 1.5}):
+        with pytest.raises(InputError, match="must be an integer"):
+            Auto(**bad)
+    for bad, message in (({"jacobian": "dense"}, "jacobian must be"), ({"damping": "lm"}, "damping must be"),
+                         ({"max_backtracks": -1}, "max_backtracks must be"), ({"chunk": 0}, "chunk must be")):
+        with pytest.raises(InputError, match=message):
+            Newton(**bad)
+    with pytest.raises(InputError, match="kernel must be"):
+        Sequential(kernel="cudnn")
