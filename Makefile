@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) analysis/bench_cpu.py
+	$(PY) analysis/bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

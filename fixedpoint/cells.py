@@ -111,6 +111,13 @@ class Cell(ABC):
         return self.weight_hh.dtype
 
     @property
+    def bounded(self) -> bool:
+        """Whether every state reachable from a finite ``s_0`` stays finite: true for tanh Elman
+        (``|h| ≤ 1``), GRU (``|h_t| ≤ max(1, ‖h_0‖∞)``) and LSTM (``|h| ≤ 1``, ``|c_t| ≤ |c_0| + t``);
+        false for relu Elman, which can overflow."""
+        return getattr(self, "nonlinearity", "tanh") != "relu"
+
+    @property
     def device(self) -> torch.device:
         return self.weight_hh.device
 

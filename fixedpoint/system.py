@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fixedpoint.cells import Cell, check_floating
+from fixedpoint.cells import SUPPORTED_DTYPES, Cell, check_floating
 from fixedpoint.errors import InputError
 
 
@@ -39,9 +39,18 @@ class SequenceSystem:
         return self.cell.input_projection(self.inputs)
 
     @classmethod
-    def build(cls, cell: Cell, inputs: Tensor, initial_state: Tensor | None = None) -> "SequenceSystem":
-        """Validate ``inputs (T, B, I)`` and ``initial_state (B, S)`` (zeros when ``None``)."""
-        check_floating("inputs", inputs)
+    def build(
+        cls, cell: Cell, inputs: Tensor, initial_state: Tensor | None = None, *, check_finite: bool = True
+    ) -> "SequenceSystem":
+        """Validate ``inputs (T, B, I)`` and ``initial_state (B, S)`` (zeros when ``None``).
+
+        ``check_finite=False`` skips the pass over ``inputs`` that rejects NaN/Inf, for callers
+        that have made it already (:func:`fixedpoint.solve.solve_network` checks once).
+        """
+        if check_finite:
+            check_floating("inputs", inputs)
+        elif not isinstance(inputs, Tensor) or inputs.dtype not in SUPPORTED_DTYPES:
+            check_floating("inputs", inputs)
         if inputs.dim() != 3:
             raise InputError(
                 f"inputs must have shape (T, B, input_size), got {tuple(inputs.shape)}"
