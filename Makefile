@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 figures: $(STAMP)
 	$(PY) analysis/convergence.py
 	$(PY) analysis/contraction.py
+	$(PY) analysis/newton_family.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

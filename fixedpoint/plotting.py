@@ -40,7 +40,10 @@ from matplotlib.image import AxesImage
 __all__ = ["config_caption", "plot_residuals", "plot_wavefront"]
 
 #: One colour per solver, shared by every figure.
-SOLVER_COLOURS: dict[str, str] = {"picard": "tab:blue", "anderson": "tab:orange"}
+SOLVER_COLOURS: dict[str, str] = {
+    "picard": "tab:blue", "anderson": "tab:orange", "quasi-newton": "tab:green", "newton": "tab:red",
+    "damped newton": "tab:purple", "torch.nn": "black", "auto (fused sequential)": "tab:gray",
+}
 
 
 def config_caption(config: Mapping[str, Any], *, seq_len: int | None = None) -> str:
@@ -363,3 +366,73 @@ def plot_contraction_looseness(data: Mapping[str, Any], path: str | os.PathLike)
     )
     _save(figure, path)
     return figure
+
+
+# -- the Newton family (analysis/newton_family.py) -----------------------------------------------
+def plot_solver_convergence(data: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """Residual per iteration of every solver: one column per cell, default weights (top) and
+    trained-like scaled weights (bottom).
+
+    ``data["panels"]``: each with ``cell``, ``scale``, ``seq_len`` and ``runs`` (``label``,
+    ``iterations``, ``result``, ``safe_steps``, ``max_abs_error``, ``residual_max_over_batch``).
+    """
+    panels = data["panels"]
+    cells = list(dict.fromkeys(panel["cell"] for panel in panels))
+    figure = Figure(figsize=(5.2 * len(cells), 8.4), layout="constrained")
+    axes = figure.subplots(2, len(cells), squeeze=False)
+    for panel in panels:
+        column = cells.index(panel["cell"])
+        row = 0 if panel["scale"] == 1.0 else 1
+        axis = axes[row][column]
+        for run in panel["runs"]:
+            residual = _positive(run["residual_max_over_batch"])
+            safe = f", {run['safe_steps']} safe" if run["safe_steps"] else ""
+            status = "" if run["result"] == "successful" else f", {run['result']}"
+            axis.plot(
+                np.arange(1, residual.size + 1), residual, color=SOLVER_COLOURS.get(run["label"]), lw=1.6,
+                label=f"{run['label']}: {run['iterations']}{safe}{status}",
+            )
+        axis.set_yscale("log")
+        axis.set_xscale("log")
+        axis.set_xlabel("iteration (log scale)")
+        axis.set_title(f"{panel['cell']}, W_hh × {panel['scale']:g}, T = {panel['seq_len']}", fontsize=10)
+        axis.legend(fontsize=8, title="iterations", title_fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("max|F(X) − X| over batch (log)")
+    meta = data.get("metadata", {})
+    sizes = meta.get("sizes", {})
+    figure.suptitle(
+        f"Convergence of every solver, B = {sizes.get('batch')}, H = {sizes.get('hidden')}, {meta.get('dtype')}; "
+        "top: torch.nn default weights, bottom: W_hh scaled until Jacobi is slow",
+        fontsize=10,
+    )
+    _save(figure, path)
+    return figure
+
+
+def plot_solve_time(data: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """Seconds per solve against ``T`` (log–log), torch.nn beside every method.
+
+    ``data``: ``seq_lens``, ``batch``, ``hidden``, ``dtype`` and ``seconds``: a list per method.
+    """
+    figure = Figure(figsize=(6.4, 4.6), layout="constrained")
+    axis = figure.subplots()
+    for name, seconds in data["seconds"].items():
+        axis.plot(data["seq_lens"], seconds, marker="o", color=SOLVER_COLOURS.get(name), lw=1.6,
+                  ls="--" if name == "torch.nn" else "-", label=name)
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("sequence length T")
+    axis.set_ylabel("seconds per solve (median)")
+    meta = data.get("metadata", {})
+    axis.set_title(
+        f"GRU, B = {data['batch']}, H = {data['hidden']}, {data['dtype']}, {meta.get('platform', 'CPU')}, "
+        f"{meta.get('date', '')[:10]}",
+        fontsize=8,
+    )
+    axis.legend(fontsize=8)
+    _save(figure, path)
+    return figure
+
+
+__all__ += ["plot_solver_convergence", "plot_solve_time"]
