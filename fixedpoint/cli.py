@@ -274,7 +274,9 @@ def _ran(report: dict[str, Any]) -> str:
     return "" if methods == [report["solver"]] else f" → {', '.join(methods)}"
 
 
-def _report(network: Network, inputs: torch.Tensor, solver: Solver, comparison: Comparison, dtype_source: str) -> dict[str, Any]:
+def _report(
+    network: Network, inputs: torch.Tensor, solver_name: str, comparison: Comparison, dtype_source: str
+) -> dict[str, Any]:
     solution = comparison.solution
     solutions = solution.solutions
     first_stats = solutions[0].stats
@@ -282,7 +284,7 @@ def _report(network: Network, inputs: torch.Tensor, solver: Solver, comparison: 
         **_problem_fields(network, inputs),
         "dtype_source": dtype_source,
         "device": str(inputs.device),
-        "solver": solver.name,
+        "solver": solver_name,
         "method": sorted({s.stats.solver["method"] for s in solutions}),
         "rtol": first_stats.rtol,
         "atol": first_stats.atol,
@@ -403,7 +405,7 @@ def _run_solve(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
-    report = _report(network, inputs, solver, comparison, dtype_source)
+    report = _report(network, inputs, args.solver, comparison, dtype_source)
     print(json.dumps(_json_safe(report), allow_nan=False) if args.json else _format_table(report))
     return 0 if report["converged"] else 1
 
