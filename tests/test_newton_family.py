@@ -134,3 +134,16 @@ def test_auto_runs_the_fused_kernel_on_a_cpu_and_validates():
             Newton(**bad)
     with pytest.raises(InputError, match="kernel must be"):
         Sequential(kernel="cudnn")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_auto_calibrates_on_cuda_and_stays_exact(kind):
+    # T above calibration_steps: Auto times the fused kernel and one quasi-Newton iteration.
+    network = Network.random(kind, 4, 8, seed=5).to(device="cuda")
+    inputs = randn(2048, 2, 4, seed=6).cuda()
+    solution = solve_network(network, inputs, None, Auto())
+    assert {s.stats.solver["method"] for s in solution.solutions} <= {"sequential-fused", "quasi-newton"}
+    expected = solve_network(network, inputs, None, Sequential())
+    assert float((solution.output - expected.output).abs().max()) <= 1e-10
