@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -358,40 +358,40 @@ class LSTMCell(Cell):
         return torch.cat((h_next, c_next), dim=-1)
 
     def jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
-        # Blocks, rows (h', c'), columns (h, c):
-        #   ∂c'/∂h = diag(c f(1−f)) W_hf + diag(g i(1−i)) W_hi + diag(i(1−g²)) W_hg,  ∂c'/∂c = diag(f)
-        #   ∂h'/∂h = diag(tanh(c') o(1−o)) W_ho + diag(o(1−tanh²c')) ∂c'/∂h,     ∂h'/∂c = diag(o(1−tanh²c') f)
-        hidden = self.hidden_size
-        h, c = state[..., :hidden], state[..., hidden:]
-        i, f, g, o = self.preactivation(h, projected_input).chunk(4, dim=-1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        tanh_c = torch.tanh(f * c + i * g)
-        w_i, w_f, w_g, w_o = self.gate_weights()
-        dc_dh = (
-            (c * f * (1 - f)).unsqueeze(-1) * w_f
-            + (g * i * (1 - i)).unsqueeze(-1) * w_i
-            + (i * (1 - g**2)).unsqueeze(-1) * w_g
+        dh_dh, dh_dc, dc_dh, dc_dc = self._blocks(
+            state, projected_input, self.gate_weights(), lambda v, w: v.unsqueeze(-1) * w
         )
-        through_c = o * (1 - tanh_c**2)
-        dh_dh = (tanh_c * o * (1 - o)).unsqueeze(-1) * w_o + through_c.unsqueeze(-1) * dc_dh
-        top = torch.cat((dh_dh, torch.diag_embed(through_c * f)), dim=-1)
-        bottom = torch.cat((dc_dh, torch.diag_embed(f)), dim=-1)
+        top = torch.cat((dh_dh, torch.diag_embed(dh_dc)), dim=-1)
+        bottom = torch.cat((dc_dh, torch.diag_embed(dc_dc)), dim=-1)
         return torch.cat((top, bottom), dim=-2)
 
     def unit_jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
         # The diagonals of the four blocks of jacobian(), stacked per unit as [[hh, hc], [ch, cc]].
+        weights = tuple(w.diagonal() for w in self.gate_weights())
+        dh_dh, dh_dc, dc_dh, dc_dc = self._blocks(state, projected_input, weights, lambda v, w: v * w)
+        top = torch.stack((dh_dh, dh_dc), dim=-1)
+        bottom = torch.stack((dc_dh, dc_dc), dim=-1)
+        return torch.stack((top, bottom), dim=-2)
+
+    def _blocks(
+        self, state: Tensor, projected_input: Tensor, weights: tuple[Tensor, ...], scale: Callable[[Tensor, Tensor], Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(∂h'/∂h, diag ∂h'/∂c, ∂c'/∂h, diag ∂c'/∂c)``; ``scale(v, W)`` is ``diag(v) W`` for the
+        full Jacobian and ``v ⊙ diag(W)`` for its per-unit part, given the matching ``weights``.
+
+        ∂c'/∂h = diag(c f(1−f)) W_hf + diag(g i(1−i)) W_hi + diag(i(1−g²)) W_hg,  ∂c'/∂c = diag(f)
+        ∂h'/∂h = diag(tanh(c') o(1−o)) W_ho + diag(o(1−tanh²c')) ∂c'/∂h,  ∂h'/∂c = diag(o(1−tanh²c') f)
+        """
         hidden = self.hidden_size
         h, c = state[..., :hidden], state[..., hidden:]
         i, f, g, o = self.preactivation(h, projected_input).chunk(4, dim=-1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         tanh_c = torch.tanh(f * c + i * g)
-        w_i, w_f, w_g, w_o = (w.diagonal() for w in self.gate_weights())
-        dc_dh = c * f * (1 - f) * w_f + g * i * (1 - i) * w_i + i * (1 - g**2) * w_g
+        w_i, w_f, w_g, w_o = weights
+        dc_dh = scale(c * f * (1 - f), w_f) + scale(g * i * (1 - i), w_i) + scale(i * (1 - g**2), w_g)
         through_c = o * (1 - tanh_c**2)
-        dh_dh = tanh_c * o * (1 - o) * w_o + through_c * dc_dh
-        top = torch.stack((dh_dh, through_c * f), dim=-1)
-        bottom = torch.stack((dc_dh, f), dim=-1)
-        return torch.stack((top, bottom), dim=-2)
+        dh_dh = scale(tanh_c * o * (1 - o), w_o) + scale(through_c, dc_dh)
+        return dh_dh, through_c * f, dc_dh, f
 
 
 CELL_TYPES: dict[str, type[Cell]] = {"elman": ElmanCell, "gru": GRUCell, "lstm": LSTMCell}
