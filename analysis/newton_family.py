@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import _common  # noqa: F401  (sys.path, matplotlib backend)
-
 import argparse
 import statistics
 import time

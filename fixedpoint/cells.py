@@ -247,14 +247,15 @@ class ElmanCell(Cell):
         return torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
 
     def jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
-        pre = self.preactivation(state, projected_input)
-        slope = 1 - torch.tanh(pre) ** 2 if self.nonlinearity == "tanh" else (pre > 0).to(pre.dtype)
-        return slope.unsqueeze(-1) * self.weight_hh
+        return self._slope(state, projected_input).unsqueeze(-1) * self.weight_hh
 
     def unit_jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        return self._slope(state, projected_input) * self.weight_hh.diagonal()
+
+    def _slope(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        """``φ'`` at the pre-activation, ``(..., H)``."""
         pre = self.preactivation(state, projected_input)
-        slope = 1 - torch.tanh(pre) ** 2 if self.nonlinearity == "tanh" else (pre > 0).to(pre.dtype)
-        return slope * self.weight_hh.diagonal()
+        return 1 - torch.tanh(pre) ** 2 if self.nonlinearity == "tanh" else (pre > 0).to(pre.dtype)
 
 
 @dataclass(frozen=True, eq=False)
@@ -286,22 +287,19 @@ class GRUCell(Cell):
         return r, z, q, n
 
     def jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
-        # J = diag(z) + diag((1−z)(1−n²)r) W_hn + diag((1−z)(1−n²) q r(1−r)) W_hr + diag((h−n) z(1−z)) W_hz
-        r, z, q, n = self.gates(state, projected_input)
-        w_r, w_z, w_n = self.gate_weights()
-        through_n = (1 - z) * (1 - n**2)
-        return (
-            torch.diag_embed(z)
-            + (through_n * r).unsqueeze(-1) * w_n
-            + (through_n * q * r * (1 - r)).unsqueeze(-1) * w_r
-            + ((state - n) * z * (1 - z)).unsqueeze(-1) * w_z
-        )
+        z, terms = self._terms(state, projected_input)
+        return torch.diag_embed(z) + sum(v.unsqueeze(-1) * w for v, w in zip(terms, self.gate_weights()))
 
     def unit_jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        z, terms = self._terms(state, projected_input)
+        return z + sum(v * w.diagonal() for v, w in zip(terms, self.gate_weights()))
+
+    def _terms(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """``z`` and the row scalings of ``(W_hr, W_hz, W_hn)`` in
+        ``J = diag(z) + diag((1−z)(1−n²) q r(1−r)) W_hr + diag((h−n) z(1−z)) W_hz + diag((1−z)(1−n²)r) W_hn``."""
         r, z, q, n = self.gates(state, projected_input)
-        w_r, w_z, w_n = (w.diagonal() for w in self.gate_weights())
         through_n = (1 - z) * (1 - n**2)
-        return z + through_n * r * w_n + through_n * q * r * (1 - r) * w_r + (state - n) * z * (1 - z) * w_z
+        return z, (through_n * q * r * (1 - r), (state - n) * z * (1 - z), through_n * r)
 
 
 @dataclass(frozen=True, eq=False)

@@ -45,7 +45,7 @@ def structure_of(transitions: Tensor, values: Tensor) -> Structure:
     )
 
 
-def _apply(transitions: Tensor, vectors: Tensor, structure: Structure) -> Tensor:
+def apply_transitions(transitions: Tensor, vectors: Tensor, structure: Structure) -> Tensor:
     """``A y`` for matching leading shapes: ``(..., [S | S/2,2,2 | S,S])`` and ``(..., S)``."""
     if structure == "diagonal":
         return transitions * vectors
@@ -92,7 +92,7 @@ def linear_recurrence_sequential(
     out = torch.empty_like(values)
     state = initial
     for t in order:
-        state = _apply(transitions[t], state, structure) + values[t]
+        state = apply_transitions(transitions[t], state, structure) + values[t]
         out[t] = state
     return out
 
@@ -130,13 +130,13 @@ def _scan(transitions: Tensor, values: Tensor, initial: Tensor, structure: Struc
     # Fold y_0 into the first value, then every prefix composition gives y_t = (A…A, b…)·[y_0]
     # with only the b-part needed: y_t = B_t where (A_t…A_1, B_t) is the composed pair.
     values = values.clone()
-    values[0] = _apply(transitions[0], initial, structure) + values[0]
+    values[0] = apply_transitions(transitions[0], initial, structure) + values[0]
     transitions = transitions.clone()
     offset = 1
     steps = values.shape[0]
     while offset < steps:
         # Right-hand sides are evaluated into new tensors before the in-place writes.
-        new_b = _apply(transitions[offset:], values[:-offset], structure) + values[offset:]
+        new_b = apply_transitions(transitions[offset:], values[:-offset], structure) + values[offset:]
         if offset * 2 < steps:  # the last round needs no transitions
             transitions[offset:] = _compose(transitions[offset:], transitions[:-offset], structure)
         values[offset:] = new_b

@@ -34,7 +34,7 @@ from fixedpoint.errors import InputError, NoConvergence
 from fixedpoint.network import Network
 from fixedpoint.contraction import ContractionReport, Norm, a_posteriori_error_bound, analyze, check_norm, state_norms
 from fixedpoint.solvers import Picard, Solver
-from fixedpoint.solvers.base import DirectSolution
+from fixedpoint.solvers.base import DirectSolution, check_integer
 from fixedpoint.system import SequenceSystem
 
 
@@ -214,8 +214,7 @@ def _solve(
     steps, batch, _ = system.state_shape
     if max_steps is None:
         max_steps = steps
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise InputError(f"max_steps must be an integer ≥ 1, got {max_steps!r}")
+    check_integer("max_steps", max_steps)
     if initial_guess is not None:
         check_floating("initial_guess", initial_guess)
         if tuple(initial_guess.shape) != system.state_shape:
@@ -315,8 +314,7 @@ def _solve(
         nonfinite_at=nonfinite_at,
     )
     if report is not None:
-        stats.lipschitz_certified = report.certified
-        stats.predicted_iterations = report.predicted_iterations
+        _attach_certificate(stats, report, certify_time)
         # Picard iterates from zero stay in the box where L holds.
         in_box = isinstance(solver, Picard) and initial_guess is None
         if report.certified is not None and in_box and result is not Result.nonfinite:
@@ -324,11 +322,16 @@ def _solve(
             if last_difference is not None and prefix < steps:
                 step = state_norms(system.cell, last_difference, report.norm).amax(0)
             stats.error_bound = a_posteriori_error_bound(report.certified, step)
-        stats.certify_time = certify_time
     solution = Solution(iterate, result, stats, system)
     if throw and not solution.converged:
         raise NoConvergence(solution)
     return solution
+
+
+def _attach_certificate(stats: Stats, report: ContractionReport, certify_time: float) -> None:
+    stats.lipschitz_certified = report.certified
+    stats.predicted_iterations = report.predicted_iterations
+    stats.certify_time = certify_time
 
 
 def _direct_solution(
@@ -345,6 +348,7 @@ def _direct_solution(
     recurrence itself overflowed (``nonfinite_at = (0, position)``)."""
     steps, batch, _ = system.state_shape
     states = direct.states if direct.states is not None else direct.hidden
+    rtol, atol = solver.tolerances(states.dtype)
     nonfinite_at = None
     result = Result.successful
     # Bounded cells cannot overflow from finite inputs and weights (both are checked): skip the pass.
@@ -363,17 +367,15 @@ def _direct_solution(
         positions_evaluated=0,
         rate=None,
         wall_time=wall_time,
-        rtol=solver.tolerances(states.dtype)[0],
-        atol=solver.tolerances(states.dtype)[1],
+        rtol=rtol,
+        atol=atol,
         solver={"method": solver.name},
         nonfinite_at=nonfinite_at,
     )
     if report is not None:
-        stats.lipschitz_certified = report.certified
-        stats.predicted_iterations = report.predicted_iterations
+        _attach_certificate(stats, report, certify_time)
         if report.certified is not None and result is Result.successful:
             stats.error_bound = states.new_zeros(batch)  # exact: no step left to bound
-        stats.certify_time = certify_time
     solution = Solution(direct.states, result, stats, system, hidden=direct.hidden, final_state=direct.final)
     if throw and not solution.converged:
         raise NoConvergence(solution)

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fixedpoint.errors import InputError
-from fixedpoint.solvers.base import Solver, check_number
+from fixedpoint.solvers.base import Solver, check_integer, check_number
 
 
 @dataclass
@@ -55,8 +54,7 @@ class Anderson(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.memory, int) or isinstance(self.memory, bool) or self.memory < 1:
-            raise InputError(f"memory must be an integer ≥ 1, got {self.memory!r}")
+        check_integer("memory", self.memory)
         check_number("regularization", self.regularization, 0)
         check_number("mixing", self.mixing, 0, 1, low_open=True, hint="; 1 is undamped Anderson")
         if self.max_condition is not None:

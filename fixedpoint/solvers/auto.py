@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fixedpoint.errors import InputError
-from fixedpoint.solvers.base import Solver
+from fixedpoint.solvers.base import Solver, check_integer
 from fixedpoint.solvers.newton import Newton
 from fixedpoint.solvers.sequential import Sequential
 from fixedpoint.system import SequenceSystem
@@ -43,10 +42,8 @@ class Auto(Solver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("calibration_steps", "expected_iterations"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{name} must be an integer ≥ 1, got {value!r}")
+        check_integer("calibration_steps", self.calibration_steps)
+        check_integer("expected_iterations", self.expected_iterations)
 
     def resolve(self, system: SequenceSystem) -> Solver:
         fused = Sequential(rtol=self.rtol, atol=self.atol, kernel="fused")

@@ -47,6 +47,14 @@ def check_number(
         raise InputError(f"{name} must be a finite number in {interval}, got {value!r}{hint}")
 
 
+def check_integer(name: str, value: object, low: int = 1, *, allow_none: bool = False) -> None:
+    """Raise :class:`InputError` unless ``value`` is an integer ``≥ low`` (or ``None`` if allowed)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise InputError(f"{name} must be an integer ≥ {low}{' or None' if allow_none else ''}, got {value!r}")
+
+
 @dataclass
 class DirectSolution:
     """What a direct (non-iterative) solver returns.

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from fixedpoint.errors import InputError
-from fixedpoint.scan import _apply, linear_recurrence
-from fixedpoint.solvers.base import Solver, check_number
+from fixedpoint.scan import apply_transitions, linear_recurrence
+from fixedpoint.solvers.base import Solver, check_integer, check_number
 from fixedpoint.system import SequenceSystem
 
 JacobianStructure = Literal["full", "diagonal"]
@@ -107,13 +107,9 @@ class Newton(Solver):
             raise InputError(f"jacobian must be 'full' or 'diagonal', got {self.jacobian!r}")
         if self.damping not in ("none", "backtracking"):
             raise InputError(f"damping must be 'none' or 'backtracking', got {self.damping!r}")
-        for name in ("chunk", "memory_limit", "max_backtracks"):
-            value = getattr(self, name)
-            lowest = 0 if name == "max_backtracks" else 1
-            if value is None and name != "max_backtracks":
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < lowest:
-                raise InputError(f"{name} must be an integer ≥ {lowest}{' or None' if lowest else ''}, got {value!r}")
+        check_integer("chunk", self.chunk, allow_none=True)
+        check_integer("memory_limit", self.memory_limit, allow_none=True)
+        check_integer("max_backtracks", self.max_backtracks, 0)
         check_number("max_residual_growth", self.max_residual_growth, 1)
 
     @property
@@ -167,7 +163,7 @@ class Newton(Solver):
         residual = image - iterate
         newton = self.newton_iterate(system, iterate, image, predecessor, state.chunk)
         if self.damping == "backtracking":
-            newton, accepted = self._backtrack(system, iterate, newton, residual, predecessor, state)
+            newton, accepted = self._backtrack(system, iterate, image, newton, residual, predecessor, state)
         else:
             accepted = torch.isfinite(newton).flatten(2).all(2).all(0)  # (B,)
             size = residual.abs().amax(dim=(0, 2))  # (B,)
@@ -194,7 +190,7 @@ class Newton(Solver):
         for start in range(0, window, size):
             part = slice(start, start + size)
             transitions = jacobian(previous[part], inputs[part])
-            values = image[part] - _apply(transitions, previous[part], structure)
+            values = image[part] - apply_transitions(transitions, previous[part], structure)
             piece = linear_recurrence(transitions, values, start_state)
             del transitions, values
             pieces.append(piece)
@@ -205,6 +201,7 @@ class Newton(Solver):
         self,
         system: SequenceSystem,
         iterate: Tensor,
+        image: Tensor,
         newton: Tensor,
         residual: Tensor,
         predecessor: Tensor,
@@ -217,7 +214,6 @@ class Newton(Solver):
         direction = newton - iterate
         pending = torch.ones_like(merit, dtype=torch.bool)
         alpha = torch.ones_like(merit)
-        image = residual + iterate  # G, the safe step
         for halvings in range(self.max_backtracks + 1):
             trial = iterate + alpha[None, :, None] * direction
             trial_image = system.apply_window(trial, predecessor)
