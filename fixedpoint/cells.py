@@ -167,6 +167,16 @@ class Cell(ABC):
         corresponding entries of :meth:`jacobian` without forming the ``S×S`` matrices.
         """
 
+    @abstractmethod
+    def linearization(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, ...]:
+        """Per-position factors of ``∂f/∂s`` at ``(s, x)``, each ``(..., k·H)``, from which
+        :meth:`transposed_jacobian_product` applies ``Jᵀ`` without forming the ``S×S`` matrix."""
+
+    @abstractmethod
+    def transposed_jacobian_product(self, factors: tuple[Tensor, ...], vector: Tensor) -> Tensor:
+        """``Jᵀ v`` for ``factors`` from :meth:`linearization` and ``v (..., S)``, with matching
+        leading shapes: one product with ``W_hh`` (``O(G·H²)``), the step of an adjoint recurrence."""
+
     def hidden_of(self, state: Tensor) -> Tensor:
         """The output part ``h`` of a state ``(..., S) → (..., H)``."""
         return state
@@ -252,6 +262,13 @@ class ElmanCell(Cell):
     def unit_jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
         return self._slope(state, projected_input) * self.weight_hh.diagonal()
 
+    def linearization(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, ...]:
+        return (self._slope(state, projected_input),)
+
+    def transposed_jacobian_product(self, factors: tuple[Tensor, ...], vector: Tensor) -> Tensor:
+        (slope,) = factors  # J = diag(φ') W_hh, so Jᵀv = W_hhᵀ (φ' ⊙ v)
+        return (slope * vector) @ self.weight_hh
+
     def _slope(self, state: Tensor, projected_input: Tensor) -> Tensor:
         """``φ'`` at the pre-activation, ``(..., H)``."""
         pre = self.preactivation(state, projected_input)
@@ -293,6 +310,16 @@ class GRUCell(Cell):
     def unit_jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
         z, terms = self._terms(state, projected_input)
         return z + sum(v * w.diagonal() for v, w in zip(terms, self.gate_weights()))
+
+    def linearization(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, ...]:
+        z, terms = self._terms(state, projected_input)
+        return z, torch.cat(terms, dim=-1)
+
+    def transposed_jacobian_product(self, factors: tuple[Tensor, ...], vector: Tensor) -> Tensor:
+        # Jᵀv = z ⊙ v + Σ_k W_kᵀ (u_k ⊙ v) = z ⊙ v + W_hhᵀ [u_r ⊙ v; u_z ⊙ v; u_n ⊙ v]
+        z, scalings = factors
+        scaled = scalings * torch.cat((vector, vector, vector), dim=-1)
+        return torch.addcmul(scaled @ self.weight_hh, z, vector)
 
     def _terms(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         """``z`` and the row scalings of ``(W_hr, W_hz, W_hn)`` in
@@ -371,6 +398,31 @@ class LSTMCell(Cell):
         bottom = torch.stack((dc_dh, dc_dc), dim=-1)
         return torch.stack((top, bottom), dim=-2)
 
+    def linearization(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, ...]:
+        *scalings, through_c, f = self._factors(state, projected_input)
+        return torch.cat(scalings, dim=-1), through_c, f
+
+    def transposed_jacobian_product(self, factors: tuple[Tensor, ...], vector: Tensor) -> Tensor:
+        # With m = o(1−tanh²c') ⊙ v_h + v_c (what reaches c'), from the blocks of _blocks:
+        # (Jᵀv)_h = W_hᵀ [u_i ⊙ m; u_f ⊙ m; u_g ⊙ m; u_o ⊙ v_h],  (Jᵀv)_c = f ⊙ m.
+        scalings, through_c, f = factors
+        hidden = self.hidden_size
+        v_h, v_c = vector[..., :hidden], vector[..., hidden:]
+        reaching_c = torch.addcmul(v_c, through_c, v_h)
+        multipliers = torch.cat((reaching_c, reaching_c, reaching_c, v_h), dim=-1)
+        return torch.cat(((scalings * multipliers) @ self.weight_hh, f * reaching_c), dim=-1)
+
+    def _factors(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, ...]:
+        """``(u_i, u_f, u_g, u_o, o(1−tanh²c'), f)``: the row scalings of the gate blocks of
+        ``W_hh`` in ``∂c'/∂h = Σ_{k∈i,f,g} diag(u_k) W_hk`` and ``∂h'/∂h``'s ``diag(u_o) W_ho``,
+        the factor through which ``c'`` reaches ``h'``, and the forget gate."""
+        hidden = self.hidden_size
+        h, c = state[..., :hidden], state[..., hidden:]
+        i, f, g, o = self.preactivation(h, projected_input).chunk(4, dim=-1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        tanh_c = torch.tanh(f * c + i * g)
+        return g * i * (1 - i), c * f * (1 - f), i * (1 - g**2), tanh_c * o * (1 - o), o * (1 - tanh_c**2), f
+
     def _blocks(
         self, state: Tensor, projected_input: Tensor, weights: tuple[Tensor, ...], scale: Callable[[Tensor, Tensor], Tensor]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -380,15 +432,10 @@ class LSTMCell(Cell):
         ∂c'/∂h = diag(c f(1−f)) W_hf + diag(g i(1−i)) W_hi + diag(i(1−g²)) W_hg,  ∂c'/∂c = diag(f)
         ∂h'/∂h = diag(tanh(c') o(1−o)) W_ho + diag(o(1−tanh²c')) ∂c'/∂h,  ∂h'/∂c = diag(o(1−tanh²c') f)
         """
-        hidden = self.hidden_size
-        h, c = state[..., :hidden], state[..., hidden:]
-        i, f, g, o = self.preactivation(h, projected_input).chunk(4, dim=-1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        tanh_c = torch.tanh(f * c + i * g)
+        u_i, u_f, u_g, u_o, through_c, f = self._factors(state, projected_input)
         w_i, w_f, w_g, w_o = weights
-        dc_dh = scale(c * f * (1 - f), w_f) + scale(g * i * (1 - i), w_i) + scale(i * (1 - g**2), w_g)
-        through_c = o * (1 - tanh_c**2)
-        dh_dh = scale(tanh_c * o * (1 - o), w_o) + scale(through_c, dc_dh)
+        dc_dh = scale(u_f, w_f) + scale(u_i, w_i) + scale(u_g, w_g)
+        dh_dh = scale(u_o, w_o) + scale(through_c, dc_dh)
         return dh_dh, through_c * f, dc_dh, f
 
 

@@ -126,26 +126,12 @@ class Newton(Solver):
         """
         if self.jacobian != "full":
             return self.chunk
-        steps, batch, size = system.state_shape
-        itemsize = system.inputs.element_size()
-        per_position = DENSE_MEMORY_FACTOR * batch * size * size * itemsize
-        device = system.inputs.device
-        budget = self.memory_limit if self.memory_limit is not None else int(MEMORY_FRACTION * free_memory(device))
-        fits = budget // per_position
-        if self.chunk is not None:
-            if self.chunk * per_position <= budget:
-                return self.chunk
-            needed = self.chunk * per_position
-        elif fits >= steps:
-            return None
-        elif fits >= MIN_CHUNK:
-            return int(fits)
-        else:
-            needed = min(steps, MIN_CHUNK) * per_position
-        raise InputError(
-            f"dense Newton needs about {_gib(needed)} for its Jacobians (B·S² = {batch}·{size}² per "
-            f"position) but the budget is {_gib(budget)} on {device}; use quasi-Newton "
-            f"(Newton(jacobian='diagonal'), O(T·B·S) memory), a smaller chunk, or raise memory_limit"
+        return plan_dense_chunk(
+            system,
+            self.chunk,
+            self.memory_limit,
+            what="dense Newton",
+            advice="use quasi-Newton (Newton(jacobian='diagonal'), O(T·B·S) memory)",
         )
 
     # -- protocol --------------------------------------------------------------------------------
@@ -239,6 +225,38 @@ class Newton(Solver):
         if self.damping == "backtracking":
             stats["backtracks"] = state.backtracks.tolist()
         return stats
+
+
+def plan_dense_chunk(
+    system: SequenceSystem, chunk: int | None, memory_limit: int | None, *, what: str, advice: str
+) -> int | None:
+    """Positions per chunk of a computation that holds dense Jacobians ``(n, B, S, S)`` and
+    scans them (``None``: all ``T`` at once), or raise :class:`InputError` before allocating.
+
+    The budget is ``memory_limit`` bytes, or ``MEMORY_FRACTION`` of the device's free memory;
+    a given ``chunk`` is kept if it fits.  Below ``MIN_CHUNK`` positions the refusal names
+    ``advice``, the cheaper alternative.
+    """
+    steps, batch, size = system.state_shape
+    per_position = DENSE_MEMORY_FACTOR * batch * size * size * system.inputs.element_size()
+    device = system.inputs.device
+    budget = memory_limit if memory_limit is not None else int(MEMORY_FRACTION * free_memory(device))
+    fits = budget // per_position
+    if chunk is not None:
+        if chunk * per_position <= budget:
+            return chunk
+        needed = chunk * per_position
+    elif fits >= steps:
+        return None
+    elif fits >= MIN_CHUNK:
+        return int(fits)
+    else:
+        needed = min(steps, MIN_CHUNK) * per_position
+    raise InputError(
+        f"{what} needs about {_gib(needed)} for its Jacobians (B·S² = {batch}·{size}² per "
+        f"position) but the budget is {_gib(budget)} on {device}; {advice}, a smaller chunk, "
+        f"or raise memory_limit"
+    )
 
 
 def _gib(size: float) -> str:

@@ -1,0 +1,159 @@
+"""Gradients of a solved system without differentiating through the solver.
+
+At the solution ``S* = F(S*)`` of :class:`~fixedpoint.system.SequenceSystem` a loss ``L(S*)``
+with ``g_t = ∂L/∂s_t`` has the adjoint ``λ``, the solution of the reverse linear recurrence
+
+    ``λ_T = g_T,   λ_t = g_t + J_{t+1}ᵀ λ_{t+1}``,   ``J_{t+1} = ∂f/∂s (s*_t, x_{t+1})``,
+
+and every other gradient is one vector–Jacobian product of ``F`` at ``S*`` (all positions at
+once): ``∂L/∂θ = λᵀ ∂F/∂θ`` for the weights and the inputs, and ``∂L/∂s_0 = J_1ᵀ λ_1``.  This is
+backpropagation through time, reordered; docs/adjoint.md derives it.  Only ``S*`` is needed, so
+the memory of a backward pass does not depend on how many iterations the forward solve took.
+
+Two ways to run the recurrence, the same numbers:
+
+- ``"scan"``: the dense ``J_tᵀ`` and a parallel reverse scan (:func:`fixedpoint.scan.linear_recurrence`),
+  ``O(log T)`` depth, ``O(T·B·S³)`` work, in chunks that the memory guard of dense Newton plans;
+- ``"sequential"``: ``T`` steps of ``λ_t = g_t + J_{t+1}ᵀ λ_{t+1}``, each one product with ``W_hh``
+  through :meth:`~fixedpoint.cells.Cell.transposed_jacobian_product`, no ``S×S`` matrix.
+
+``"auto"`` takes ``"sequential"`` on a CPU, where the scan's extra ``S``-fold work is never
+repaid, and ``"scan"`` on CUDA for ``S ≤ 128``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fixedpoint.errors import InputError
+from fixedpoint.scan import linear_recurrence
+from fixedpoint.solvers.base import check_integer
+from fixedpoint.solvers.newton import plan_dense_chunk
+from fixedpoint.system import SequenceSystem
+
+AdjointMethod = Literal["auto", "scan", "sequential"]
+ADJOINT_METHODS = ("auto", "scan", "sequential")
+#: Largest state size for which ``"auto"`` uses the dense scan on CUDA (its work grows as ``S³``).
+SCAN_MAX_STATE = 128
+#: Positions whose Jacobian factors the sequential recurrence computes at once (bounds memory).
+SEQUENTIAL_CHUNK = 1024
+
+
+def check_adjoint_method(method: object) -> None:
+    if method not in ADJOINT_METHODS:
+        raise InputError(f"adjoint must be one of {', '.join(map(repr, ADJOINT_METHODS))}, got {method!r}")
+
+
+def resolve_adjoint_method(method: AdjointMethod, system: SequenceSystem) -> Literal["scan", "sequential"]:
+    """The method ``"auto"`` stands for on this system's device and state size."""
+    check_adjoint_method(method)
+    if method != "auto":
+        return method
+    on_cuda = system.inputs.device.type == "cuda"
+    return "scan" if on_cuda and system.cell.state_size <= SCAN_MAX_STATE else "sequential"
+
+
+def adjoint_states(
+    system: SequenceSystem,
+    states: Tensor,
+    state_gradients: Tensor,
+    *,
+    method: AdjointMethod = "auto",
+    chunk: int | None = None,
+    memory_limit: int | None = None,
+) -> Tensor:
+    """The adjoint ``λ (T, B, S)`` of the solution ``states (T, B, S)`` for ``g = state_gradients``.
+
+    Args:
+        system: the system that ``states`` solves.
+        states: ``S*``, the exact solution.
+        state_gradients: ``g_t = ∂L/∂s_t``, ``(T, B, S)``.
+        method: ``"auto"``, ``"scan"`` or ``"sequential"`` (module docstring).
+        chunk, memory_limit: for ``"scan"``: positions per chunk and the byte budget of the dense
+            Jacobians, as for :class:`~fixedpoint.solvers.Newton`.
+    """
+    if tuple(states.shape) != system.state_shape or tuple(state_gradients.shape) != system.state_shape:
+        raise InputError(
+            f"states and their gradients must have shape {system.state_shape}, got "
+            f"{tuple(states.shape)} and {tuple(state_gradients.shape)}"
+        )
+    check_integer("chunk", chunk, allow_none=True)
+    check_integer("memory_limit", memory_limit, allow_none=True)
+    if resolve_adjoint_method(method, system) == "scan":
+        size = plan_dense_chunk(
+            system, chunk, memory_limit, what="the scanned adjoint", advice="use adjoint='sequential' (no S×S matrices)"
+        )
+        return _adjoint_by_scan(system, states, state_gradients, size)
+    return _adjoint_sequentially(system, states, state_gradients)
+
+
+def _adjoint_by_scan(system: SequenceSystem, states: Tensor, gradients: Tensor, chunk: int | None) -> Tensor:
+    # Chunks from the end: chunk [a, b) needs J_{t+1}ᵀ for t ∈ [a, b) (none exists for t = T − 1,
+    # where the carried λ_T+1 is zero anyway) and starts from λ_b of the chunk after it.
+    cell, projected = system.cell, system.projected_inputs
+    steps = system.seq_len
+    size = chunk or steps
+    adjoint = torch.empty_like(gradients)
+    carry = torch.zeros_like(gradients[0])
+    for end in range(steps, 0, -size):
+        start = max(0, end - size)
+        stop = min(end, steps - 1)
+        transposed = cell.jacobian(states[start:stop], projected[start + 1 : stop + 1]).mT
+        if stop < end:  # the last position: no successor
+            transposed = torch.cat((transposed, transposed.new_zeros(1, *transposed.shape[1:])))
+        adjoint[start:end] = linear_recurrence(transposed, gradients[start:end], carry, reverse=True)
+        del transposed
+        carry = adjoint[start]
+    return adjoint
+
+
+def _adjoint_sequentially(system: SequenceSystem, states: Tensor, gradients: Tensor) -> Tensor:
+    cell, projected = system.cell, system.projected_inputs
+    steps = system.seq_len
+    adjoint = torch.empty_like(gradients)
+    current = gradients[-1]
+    adjoint[-1] = current
+    # Positions t = T − 2 … 0, in chunks; factors[k] linearises f at position t + 1 = start + k + 1.
+    for end in range(steps - 1, 0, -SEQUENTIAL_CHUNK):
+        start = max(0, end - SEQUENTIAL_CHUNK)
+        factors = cell.linearization(states[start:end], projected[start + 1 : end + 1])
+        for t in range(end - 1, start - 1, -1):
+            local = tuple(factor[t - start] for factor in factors)
+            current = gradients[t] + cell.transposed_jacobian_product(local, current)
+            adjoint[t] = current
+    return adjoint
+
+
+def solution_gradients(
+    system: SequenceSystem, states: Tensor, adjoint: Tensor, needs: tuple[bool, ...]
+) -> tuple[Tensor | None, ...]:
+    """``λᵀ ∂F/∂(x, s_0, W_ih, W_hh, b_ih, b_hh)`` at ``S*`` in one batched vector–Jacobian product.
+
+    ``needs`` says which of the six gradients to compute (the others are ``None``).  Returns
+    ``(inputs (T, B, I), initial_state (B, S), weight_ih, weight_hh, bias_ih, bias_hh)``.
+    """
+    cell = system.cell
+    originals = (system.inputs, system.initial_state, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    if len(needs) != len(originals):
+        raise InputError(f"needs must have {len(originals)} entries, got {len(needs)}")
+    with torch.enable_grad():
+        leaves = tuple(
+            None if t is None else t.detach().requires_grad_(bool(need)) for t, need in zip(originals, needs)
+        )
+        inputs, initial, weight_ih, weight_hh, bias_ih, bias_hh = leaves
+        differentiable = cell.with_tensors(weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh)
+        previous = torch.cat((initial.unsqueeze(0), states[:-1].detach()))
+        image = differentiable.step(previous, differentiable.input_projection(inputs))
+        wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+        found = iter(torch.autograd.grad(image, wanted, adjoint, allow_unused=True)) if wanted else iter(())
+    gradients = []
+    for leaf in leaves:
+        wanted_here = leaf is not None and leaf.requires_grad
+        gradient = next(found) if wanted_here else None
+        if wanted_here and gradient is None:  # e.g. no path from the leaf: a true zero
+            gradient = torch.zeros_like(leaf)
+        gradients.append(gradient)
+    return tuple(gradients)
