@@ -52,7 +52,7 @@ class LayerOptions:
 
 
 class SolvedLayer(torch.autograd.Function):
-    """One layer, one direction: ``(x (T, B, I), s_0 (B, S), weights…) → (h (T, B, H), s_T (B, S))``.
+    """One layer, one direction: ``(options, record, x (T, B, I), s_0 (B, S), weights…) → (h (T, B, H), s_T (B, S))``.
 
     Forward: the solve.  Backward: the adjoint recurrence at the saved solution ``S*`` and one
     vector–Jacobian product of ``F``; only ``S*``, the inputs and the weights are saved.
@@ -62,6 +62,7 @@ class SolvedLayer(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         options: LayerOptions,
+        record: bool,
         inputs: Tensor,
         initial_state: Tensor,
         weight_ih: Tensor,
@@ -73,7 +74,8 @@ class SolvedLayer(torch.autograd.Function):
         system = SequenceSystem.build(cell, inputs, initial_state)
         solution = solve(system, options.solver, max_steps=options.max_steps)
         ctx.options = options
-        if any(ctx.needs_input_grad):
+        # ``record``: whether autograd was on at the call (inside forward it is always off).
+        if record and any(ctx.needs_input_grad):
             ctx.save_for_backward(inputs, initial_state, solution.value, weight_ih, weight_hh, bias_ih, bias_hh)
         # A fresh final state: it must not be a view of the saved solution.
         return solution.hidden, solution.final_state.clone()
@@ -89,7 +91,7 @@ class SolvedLayer(torch.autograd.Function):
         state_gradients[..., : cell.hidden_size] = hidden_gradient
         state_gradients[-1] += final_gradient
         adjoint = adjoint_states(system, states, state_gradients, method=options.adjoint)
-        return (None, *solution_gradients(system, states, adjoint, ctx.needs_input_grad[1:]))
+        return (None, None, *solution_gradients(system, states, adjoint, ctx.needs_input_grad[2:]))
 
 
 def resolve_solver(solver: Solver | str | None) -> Solver:
@@ -198,7 +200,9 @@ class _Solved:
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
                 weights = [getattr(self, f"{kind}{suffix}", None) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
                 sequence = layer_input.flip(0) if direction else layer_input
-                hidden, final = SolvedLayer.apply(options, sequence, initial[layer * directions + direction], *weights)
+                hidden, final = SolvedLayer.apply(
+                    options, torch.is_grad_enabled(), sequence, initial[layer * directions + direction], *weights
+                )
                 outputs.append(hidden.flip(0) if direction else hidden)
                 finals.append(final)
             layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]

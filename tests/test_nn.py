@@ -1,0 +1,421 @@
+"""The drop-in modules of fixedpoint.nn against torch.nn: outputs, every gradient, training, errors.
+
+Gradients come from the adjoint recurrence (fixedpoint.adjoint); torch.nn's come from
+backpropagation through time.  They agree to rounding in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fixedpoint.nn as fnn
+from fixedpoint import InputError, NoConvergence, Picard, Sequential, solve
+from fixedpoint.adjoint import adjoint_states, solution_gradients
+from fixedpoint.network import Network
+from fixedpoint.scan import linear_recurrence_sequential
+from fixedpoint.solvers import SOLVERS
+from fixedpoint.system import SequenceSystem
+from tests.conftest import BOUNDS, CELL_IDS, CELLS, randn
+
+MODULES = {"elman": (nn.RNN, fnn.RNN), "gru": (nn.GRU, fnn.GRU), "lstm": (nn.LSTM, fnn.LSTM)}
+
+
+def make_pair(
+    kind: str,
+    nonlinearity: str = "tanh",
+    *,
+    input_size: int = 3,
+    hidden_size: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    **options,
+) -> tuple[nn.RNNBase, nn.RNNBase]:
+    """A torch.nn module at its default initialisation and the fixedpoint module with its weights."""
+    reference_type, solved_type = MODULES[kind]
+    structure = {k: options.pop(k) for k in ("num_layers", "bias", "batch_first", "bidirectional", "dropout") if k in options}
+    if kind == "elman":
+        structure["nonlinearity"] = nonlinearity
+    torch.manual_seed(seed)
+    reference = reference_type(input_size, hidden_size, dtype=dtype, **structure)
+    return reference, solved_type.from_torch(reference, **options)
+
+
+def make_hx(reference: nn.RNNBase, batch: int, seed: int) -> Tensor | tuple[Tensor, Tensor]:
+    shape = (reference.num_layers * (2 if reference.bidirectional else 1), batch, reference.hidden_size)
+    dtype = reference.weight_hh_l0.dtype
+    h0 = (0.5 * randn(*shape, seed=seed, dtype=dtype)).requires_grad_()
+    if isinstance(reference, nn.LSTM):
+        return h0, (0.5 * randn(*shape, seed=seed + 1, dtype=dtype)).requires_grad_()
+    return h0
+
+
+def outputs_of(result: tuple[Tensor, Tensor | tuple[Tensor, Tensor]]) -> list[Tensor]:
+    output, final = result
+    return [output, *(final if isinstance(final, tuple) else (final,))]
+
+
+def weighted_loss(tensors: list[Tensor]) -> Tensor:
+    """A loss that weights every entry differently, so that no gradient is symmetric by accident."""
+    return sum((t * torch.linspace(-1.0, 1.5, t.numel(), dtype=t.dtype).view_as(t)).sum() for t in tensors)
+
+
+def forward_and_gradients(module: nn.RNNBase, inputs: Tensor, hx) -> tuple[list[Tensor], list[Tensor]]:
+    states = () if hx is None else hx if isinstance(hx, tuple) else (hx,)
+    leaves = [inputs, *states, *module.parameters()]
+    outputs = outputs_of(module(inputs, hx))
+    return outputs, list(torch.autograd.grad(weighted_loss(outputs), leaves))
+
+
+def assert_matches_torch(
+    reference: nn.RNNBase, solved: nn.RNNBase, steps: int, batch: int = 3, *, seed: int = 7, with_hx: bool = True
+) -> None:
+    dtype = reference.weight_hh_l0.dtype
+    shape = (batch, steps, reference.input_size) if reference.batch_first else (steps, batch, reference.input_size)
+    inputs = randn(*shape, seed=seed, dtype=dtype).requires_grad_()
+    hx = make_hx(reference, batch, seed + 1) if with_hx else None
+    expected_out, expected_grads = forward_and_gradients(reference, inputs, hx)
+    got_out, got_grads = forward_and_gradients(solved, inputs, hx)
+    bound = BOUNDS[dtype]
+    names = ["input", "h0", "c0"][: 1 + (len(hx) if isinstance(hx, tuple) else 1)] if with_hx else ["input"]
+    names += [name for name, _ in solved.named_parameters()]
+    for got, expected in zip(got_out, expected_out):
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() <= bound
+    for name, got, expected in zip(names, got_grads, expected_grads):
+        assert got.shape == expected.shape, name
+        error = (got - expected).abs().max().item()
+        assert error <= bound * max(1.0, expected.abs().max().item()), f"gradient of {name}: {error:.2e}"
+
+
+# -- outputs and gradients equal torch.nn's -----------------------------------------------------
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["TB", "BT"])
+@pytest.mark.parametrize("adjoint", ["scan", "sequential"])
+def test_every_structure_matches_torch_float64(cell, num_layers, bidirectional, batch_first, adjoint):
+    kind, nonlinearity = cell
+    reference, solved = make_pair(
+        kind, nonlinearity, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first,
+        solver="auto", adjoint=adjoint,
+    )
+    assert_matches_torch(reference, solved, steps=7)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("solver", ["sequential", "picard", "anderson", "newton", "quasi-newton", "damped"])
+@pytest.mark.parametrize("adjoint", ["scan", "sequential"])
+def test_every_solver_gives_torch_gradients(cell, solver, adjoint):
+    kind, nonlinearity = cell
+    reference, solved = make_pair(kind, nonlinearity, num_layers=2, bidirectional=True, solver=solver, adjoint=adjoint)
+    assert_matches_torch(reference, solved, steps=9, seed=11)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("steps", [1, 2, 13])
+def test_no_bias_no_hx_and_short_sequences(cell, steps):
+    kind, nonlinearity = cell
+    reference, solved = make_pair(kind, nonlinearity, num_layers=2, bias=False, solver="quasi-newton")
+    assert_matches_torch(reference, solved, steps=steps, with_hx=False)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_float32_matches_torch(cell):
+    kind, nonlinearity = cell
+    reference, solved = make_pair(kind, nonlinearity, num_layers=2, bidirectional=True, dtype=torch.float32, solver="picard")
+    assert_matches_torch(reference, solved, steps=11)
+
+
+@pytest.mark.parametrize("kind", ["elman", "gru", "lstm"])
+def test_unbatched_input_as_torch(kind):
+    reference, solved = make_pair(kind, num_layers=2, bidirectional=True, solver="newton")
+    inputs = randn(6, 3, seed=2).requires_grad_()
+    hx = make_hx(reference, 1, 3)
+    hx = tuple(h[:, 0].detach().requires_grad_() for h in hx) if isinstance(hx, tuple) else hx[:, 0].detach().requires_grad_()
+    expected_out, expected_grads = forward_and_gradients(reference, inputs, hx)
+    got_out, got_grads = forward_and_gradients(solved, inputs, hx)
+    for got, expected in zip(got_out + got_grads, expected_out + expected_grads):
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["elman", "gru", "lstm"])
+def test_dropout_between_layers_draws_as_torch(kind):
+    # On a CPU torch.nn draws its inter-layer dropout masks from the global generator in the
+    # same order and shape (T, B, D·H) as this module; with one seed the outputs are equal.
+    reference, solved = make_pair(kind, num_layers=3, bidirectional=True, batch_first=True, dropout=0.5)
+    inputs = randn(3, 6, 3, seed=4)
+    torch.manual_seed(5)
+    expected = reference(inputs)[0]
+    torch.manual_seed(5)
+    got = solved(inputs)[0]
+    assert (got - expected).abs().max().item() <= 1e-12
+    solved.eval()
+    reference.eval()
+    assert (solved(inputs)[0] - reference(inputs)[0]).abs().max().item() <= 1e-12
+
+
+# -- gradcheck and training -------------------------------------------------------------------------
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("adjoint", ["scan", "sequential"])
+def test_gradcheck_layer(cell, adjoint):
+    kind, nonlinearity = cell
+    network = Network.random(kind, 2, 3, nonlinearity=nonlinearity, seed=3)
+    cell_ = network.cells[0][0]
+    options = fnn.LayerOptions(kind, nonlinearity if kind == "elman" else None, Picard(), None, adjoint)
+    tensors = [
+        randn(5, 2, 2, seed=1),
+        0.3 * randn(2, cell_.state_size, seed=2),
+        cell_.weight_ih.clone(), cell_.weight_hh.clone(), cell_.bias_ih.clone(), cell_.bias_hh.clone(),
+    ]
+    tensors = [t.requires_grad_() for t in tensors]
+    if nonlinearity == "relu":  # keep pre-activations away from relu's kink, where φ' jumps
+        tensors[0] = (tensors[0].detach() + 3.0).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *args: fnn.SolvedLayer.apply(options, True, *args), tensors)
+
+
+@pytest.mark.parametrize("kind", ["elman", "gru", "lstm"])
+def test_gradcheck_module(kind):
+    _, solved = make_pair(kind, num_layers=2, bidirectional=True, batch_first=True, hidden_size=3, solver="quasi-newton")
+    inputs = randn(2, 4, 3, seed=5).requires_grad_()
+    hx = make_hx(solved, 2, 6)
+
+    def run(x, *states):
+        return tuple(outputs_of(solved(x, states if kind == "lstm" else states[0])))
+
+    assert torch.autograd.gradcheck(run, (inputs, *(hx if isinstance(hx, tuple) else (hx,))))
+
+
+def training_losses(module: nn.RNNBase, steps: int = 15) -> list[float]:
+    """Sequence regression with SGD on a fixed seed: the loss after each step."""
+    torch.manual_seed(21)
+    head = nn.Linear(module.hidden_size, 1, dtype=torch.float64)
+    optimizer = torch.optim.SGD([*module.parameters(), *head.parameters()], lr=0.1)
+    inputs = randn(12, 5, module.input_size, seed=22)
+    targets = randn(12, 5, 1, seed=23).tanh()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        output, _ = module(inputs)
+        loss = (head(output) - targets).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("solver", ["auto", "quasi-newton"])
+def test_training_follows_torch_loss_curve(cell, solver):
+    kind, nonlinearity = cell
+    reference, solved = make_pair(kind, nonlinearity, num_layers=2, solver=solver)
+    expected = training_losses(reference)
+    got = training_losses(solved)
+    assert expected[-1] < expected[0]  # it is training
+    assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-8
+    for (name, p), q in zip(solved.named_parameters(), reference.parameters()):
+        assert (p - q).abs().max().item() <= 1e-8, name
+
+
+# -- memory of the backward pass --------------------------------------------------------------
+def saved_bytes(module: nn.RNNBase, inputs: Tensor) -> tuple[int, Tensor]:
+    """Bytes autograd keeps for the backward pass, and the input gradient."""
+    total = 0
+
+    def pack(tensor: Tensor) -> Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    inputs = inputs.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output, _ = module(inputs)
+    output.square().sum().backward()
+    return total, inputs.grad
+
+
+@pytest.mark.parametrize("kind", ["elman", "gru", "lstm"])
+def test_backward_memory_does_not_grow_with_iterations(kind):
+    # Picard needs many iterations here, the sequential kernel none; both keep exactly the
+    # solution, the inputs, s_0 and the weights for the backward pass.
+    torch.manual_seed(0)
+    reference = MODULES[kind][0](4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        reference.weight_hh_l0.mul_(3.0)  # slow contraction: many Picard iterations
+    inputs = randn(40, 2, 4, seed=9)
+    picard = MODULES[kind][1].from_torch(reference, solver=Picard())
+    direct = MODULES[kind][1].from_torch(reference, solver=Sequential())
+    system = SequenceSystem.build(Network.from_torch(reference).cells[0][0], inputs)
+    assert solve(system, Picard()).stats.iterations >= 10
+    picard_bytes, picard_grad = saved_bytes(picard, inputs)
+    direct_bytes, direct_grad = saved_bytes(direct, inputs)
+    assert picard_bytes == direct_bytes
+    state_size = system.cell.state_size
+    solution = 40 * 2 * state_size * 8
+    weights = sum(p.numel() for p in reference.parameters()) * 8
+    assert picard_bytes == inputs.numel() * 8 + 2 * state_size * 8 + solution + weights
+    assert (picard_grad - direct_grad).abs().max().item() <= 1e-10
+
+
+# -- the adjoint recurrence itself ------------------------------------------------------------
+@given(
+    cell=st.sampled_from(CELLS),
+    steps=st.integers(1, 17),
+    batch=st.integers(1, 3),
+    hidden=st.integers(1, 4),
+    chunk=st.one_of(st.none(), st.integers(1, 6)),
+)
+def test_adjoint_methods_equal_the_sequential_reference(cell, steps, batch, hidden, chunk):
+    kind, nonlinearity = cell
+    network = Network.random(kind, 2, hidden, nonlinearity=nonlinearity, seed=steps)
+    system = SequenceSystem.build(network.cells[0][0], randn(steps, batch, 2, seed=1), 0.3 * randn(batch, network.cells[0][0].state_size, seed=2))
+    states = system.sequential()
+    gradients = randn(*system.state_shape, seed=3)
+    # reference: λ_t = g_t + J_{t+1}ᵀ λ_{t+1} with dense Jacobians, one step after another
+    jacobians = system.cell.jacobian(states[:-1], system.projected_inputs[1:]).mT
+    transitions = torch.cat((jacobians, jacobians.new_zeros(1, *jacobians.shape[1:])))
+    expected = linear_recurrence_sequential(transitions, gradients, torch.zeros_like(gradients[0]), reverse=True)
+    for method in ("scan", "sequential"):
+        got = adjoint_states(system, states, gradients, method=method, chunk=chunk if method == "scan" else None)
+        assert (got - expected).abs().max().item() <= 1e-12 * max(1.0, expected.abs().max().item())
+
+
+@given(cell=st.sampled_from(CELLS), hidden=st.integers(1, 5), batch=st.integers(1, 3))
+def test_transposed_jacobian_product_is_the_transposed_jacobian(cell, hidden, batch):
+    kind, nonlinearity = cell
+    network = Network.random(kind, 3, hidden, nonlinearity=nonlinearity, seed=hidden)
+    unit = network.cells[0][0]
+    state = randn(4, batch, unit.state_size, seed=1)
+    projected = unit.input_projection(randn(4, batch, 3, seed=2))
+    vector = randn(4, batch, unit.state_size, seed=3)
+    expected = (unit.jacobian(state, projected).mT @ vector.unsqueeze(-1)).squeeze(-1)
+    got = unit.transposed_jacobian_product(unit.linearization(state, projected), vector)
+    assert (got - expected).abs().max().item() <= 1e-13
+
+
+def test_solution_gradients_need_only_what_is_asked():
+    network = Network.random("gru", 2, 3, seed=1)
+    system = SequenceSystem.build(network.cells[0][0], randn(5, 2, 2, seed=1))
+    states = system.sequential()
+    adjoint = randn(5, 2, 3, seed=2)
+    gradients = solution_gradients(system, states, adjoint, (False, True, False, True, False, False))
+    assert [g is not None for g in gradients] == [False, True, False, True, False, False]
+    with pytest.raises(InputError, match="6 entries"):
+        solution_gradients(system, states, adjoint, (True,))
+
+
+def test_scanned_adjoint_refuses_when_jacobians_do_not_fit():
+    network = Network.random("gru", 2, 8, seed=1)
+    system = SequenceSystem.build(network.cells[0][0], randn(64, 2, 2, seed=1))
+    states = system.sequential()
+    with pytest.raises(InputError, match="adjoint='sequential'"):
+        adjoint_states(system, states, torch.ones_like(states), method="scan", memory_limit=1000)
+    with pytest.raises(InputError, match="adjoint must be one of"):
+        adjoint_states(system, states, torch.ones_like(states), method="backprop")
+    with pytest.raises(InputError, match="shape"):
+        adjoint_states(system, states[1:], torch.ones_like(states[1:]))
+
+
+# -- state_dict both ways, module identity ----------------------------------------------------
+@pytest.mark.parametrize("kind", ["elman", "gru", "lstm"])
+def test_state_dicts_load_both_ways(kind):
+    reference_type, solved_type = MODULES[kind]
+    torch.manual_seed(1)
+    reference = reference_type(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    solved = solved_type(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    assert isinstance(solved, reference_type)
+    assert solved.state_dict().keys() == reference.state_dict().keys()
+    solved.load_state_dict(reference.state_dict())
+    inputs = randn(5, 2, 3, seed=1)
+    # auto on a CPU runs torch's own kernel, one layer and direction at a time
+    assert (solved(inputs)[0] - reference(inputs)[0]).abs().max().item() <= 1e-12
+    other = reference_type(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    other.load_state_dict(solved.state_dict())
+    back = solved.to_torch()
+    assert type(back) is reference_type
+    for module in (other, back):
+        assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), solved.state_dict().values()))
+
+
+def test_constructor_matches_torch_arguments():
+    torch.manual_seed(3)
+    reference = nn.RNN(3, 4, 2, "relu", False, True, 0.0, True, dtype=torch.float64)
+    torch.manual_seed(3)
+    solved = fnn.RNN(3, 4, 2, "relu", False, True, 0.0, True, dtype=torch.float64, solver="picard")
+    assert solved.nonlinearity == "relu" and not solved.bias and solved.batch_first and solved.bidirectional
+    assert all(torch.equal(a, b) for a, b in zip(solved.parameters(), reference.parameters()))  # same init draws
+    assert "solver=picard" in repr(solved)
+    assert isinstance(fnn.GRU(3, 4).solver, SOLVERS["auto"])
+
+
+# -- bad input as torch.nn rejects it ---------------------------------------------------------
+def raised(function) -> BaseException:
+    try:
+        function()
+    except BaseException as error:  # noqa: BLE001 — we compare what was raised
+        return error
+    raise AssertionError("nothing was raised")
+
+
+@pytest.mark.parametrize("kind", ["elman", "gru", "lstm"])
+@pytest.mark.parametrize(
+    "case", ["input_size", "input_dim", "hx_shape", "hx_dim", "hx_batch", "dtype"]
+)
+def test_bad_input_is_rejected_as_torch_rejects_it(kind, case):
+    reference, solved = make_pair(kind, num_layers=2)
+    inputs = randn(5, 3, 3, seed=1)
+    hx = make_hx(reference, 3, 2)
+    lstm = kind == "lstm"
+
+    def reshape(function):
+        return tuple(function(h) for h in hx) if lstm else function(hx)
+
+    arguments = {
+        "input_size": (randn(5, 3, 4, seed=1), hx),
+        "input_dim": (randn(2, 5, 3, 3, seed=1), hx),
+        "hx_shape": (inputs, reshape(lambda h: h[:1])),
+        "hx_dim": (inputs, reshape(lambda h: h[0])),
+        "hx_batch": (inputs, reshape(lambda h: h[:, :2])),
+        "dtype": (inputs.float(), hx),
+    }[case]
+    expected = raised(lambda: reference(*arguments))
+    got = raised(lambda: solved(*arguments))
+    assert type(got) is type(expected)
+    if case != "input_dim":
+        assert str(got) == str(expected)
+    else:  # torch.nn words this one differently per class
+        assert "Expected input to be 2D or 3D, got 4D" in str(got) and "got 4D" in str(expected)
+
+
+def test_no_convergence_raises_instead_of_returning_garbage():
+    reference, solved = make_pair("gru", solver=Picard(), max_steps=2)
+    inputs = randn(30, 2, 3, seed=1).requires_grad_()
+    with pytest.raises(NoConvergence, match="max_steps"):
+        solved(inputs)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(InputError, match="solver must be"):
+        fnn.GRU(3, 4, solver="bisection")
+    with pytest.raises(InputError, match="solver must be"):
+        fnn.GRU(3, 4, solver=object())
+    with pytest.raises(InputError, match="adjoint must be"):
+        fnn.LSTM(3, 4, adjoint="unrolled")
+    with pytest.raises(InputError, match="max_steps"):
+        fnn.RNN(3, 4, max_steps=0)
+    with pytest.raises(InputError, match="proj_size"):
+        fnn.LSTM(3, 4, proj_size=2)
+    with pytest.raises(InputError, match="proj_size"):
+        fnn.LSTM.from_torch(nn.LSTM(3, 4, proj_size=2))
+    with pytest.raises(InputError, match="expected a torch.nn.GRU"):
+        fnn.GRU.from_torch(nn.LSTM(3, 4))
+    packed = pack_padded_sequence(torch.zeros(4, 2, 3), [4, 3])
+    with pytest.raises(TypeError, match="PackedSequence"):
+        fnn.GRU(3, 4)(packed)
+    with pytest.raises(InputError, match="NaN"):
+        fnn.GRU(3, 4, dtype=torch.float64)(torch.full((3, 1, 3), float("nan"), dtype=torch.float64))
