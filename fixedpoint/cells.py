@@ -409,7 +409,7 @@ class LSTMCell(Cell):
         hidden = self.hidden_size
         v_h, v_c = vector[..., :hidden], vector[..., hidden:]
         reaching_c = torch.addcmul(v_c, through_c, v_h)
-        multipliers = torch.cat((reaching_c, reaching_c, reaching_c, v_h), dim=-1)
+        multipliers = torch.stack((reaching_c, reaching_c, reaching_c, v_h), dim=-2).flatten(-2)
         return torch.cat(((scalings * multipliers) @ self.weight_hh, f * reaching_c), dim=-1)
 
     def _factors(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, ...]:
