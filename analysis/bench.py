@@ -8,15 +8,21 @@ warm-up; times are medians (DESIGN §5) and the ratio is method ÷ torch.nn (< 1
 ``auto`` process also times one parallel sweep ``F(S)`` and reports its memory traffic in GB/s
 beside the device's measured copy bandwidth.
 
-Writes ``docs/benchmarks.json`` (results of earlier runs on other devices are kept) and
-``docs/benchmarks.md``.
+The training pass (``--pass train``) times forward + backward of :mod:`fixedpoint.nn`'s module
+against the ``torch.nn`` module (cuDNN on CUDA) on the same sizes: ``loss = Σ w ⊙ output`` with
+fixed weights ``w``, gradients for the inputs and every parameter; max |diff| is over those
+gradients.
 
-    python analysis/bench.py [--device cpu|cuda] [--quick] [--out docs]
+Writes ``docs/benchmarks.json`` (results of earlier runs on other devices or passes are kept)
+and ``docs/benchmarks.md``.
+
+    python analysis/bench.py [--device cpu|cuda] [--pass forward|train|all] [--quick] [--out docs]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -35,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fixedpoint.compare import compare_with_torch, run_reference  # noqa: E402
 from fixedpoint.data import gaussian_inputs  # noqa: E402
 from fixedpoint.network import Network  # noqa: E402
+from fixedpoint.nn import GRU, LSTM, RNN  # noqa: E402
 from fixedpoint.runtime import keep_freed_memory  # noqa: E402
 from fixedpoint.solve import solve_network  # noqa: E402
 from fixedpoint.solvers import SOLVERS  # noqa: E402
@@ -64,6 +71,27 @@ def plan(device: str, quick: bool) -> list[dict]:
                 for method in methods:
                     jobs.append({"cell": cell, "hidden": hidden, "seq_len": seq_len, "method": method, "device": device})
     return jobs
+
+
+#: What fixedpoint.nn runs per training-pass method: (solver, adjoint).
+TRAIN_METHODS = {"nn-auto": ("auto", "auto"), "nn-quasi-newton": ("quasi-newton", "auto")}
+SOLVED_MODULES = {"elman": RNN, "gru": GRU, "lstm": LSTM}
+
+
+def plan_train(device: str, quick: bool) -> list[dict]:
+    """The (cell, H, T, method) jobs of the training pass."""
+    hiddens = (8, 64) if quick else (8, 64, 256)
+    seq_lens = (512, 4096) if quick else (512, 4096, 32768)
+    if device == "cuda" and not quick:
+        seq_lens += (131072,)
+    methods = ["torch.nn", "nn-auto"] + (["nn-quasi-newton"] if device == "cuda" else [])
+    return [
+        {"cell": cell, "hidden": hidden, "seq_len": seq_len, "method": method, "device": device, "pass": "train"}
+        for cell in CELLS
+        for hidden in hiddens
+        for seq_len in seq_lens
+        for method in methods
+    ]
 
 
 def _rss_bytes() -> int:
@@ -106,8 +134,68 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * source.numel() * source.element_size() / seconds / 1e9
 
 
+def run_train(job: dict) -> dict:
+    """One training-pass job, in this process: peak memory of the method alone first, then
+    alternating timed runs of the method and torch.nn."""
+    keep_freed_memory()
+    device = torch.device(job["device"])
+    torch.manual_seed(0)
+    reference = Network.random(job["cell"], job["hidden"], job["hidden"], seed=0, dtype=torch.float32).to(device=device)
+    reference = reference.to_torch()
+    inputs = gaussian_inputs(job["seq_len"], BATCH, job["hidden"], seed=1, dtype=torch.float32).to(device)
+    weights = torch.linspace(-1.0, 1.0, inputs.numel() // job["hidden"] * job["hidden"], device=device).view_as(inputs)
+    repeats = 5 if job["seq_len"] <= 4096 else 3
+    row = dict(job, dtype="float32", batch=BATCH, repeats=repeats)
+
+    def gradients(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.detach().requires_grad_()
+        output, _ = module(x)
+        loss = (output * weights[: x.shape[0]].to(x.dtype)).sum()
+        return list(torch.autograd.grad(loss, [x, *module.parameters()]))
+
+    if job["method"] == "torch.nn":
+        gradients(reference, inputs[:8])
+        row["peak_mib"] = _peak_bytes(device, lambda: gradients(reference, inputs)) / 2**20
+        row["seconds"] = _median_seconds(device, lambda: gradients(reference, inputs), repeats)
+        return row
+    solver, adjoint = TRAIN_METHODS[job["method"]]
+    module = SOLVED_MODULES[job["cell"]].from_torch(reference, solver=solver, adjoint=adjoint)
+    gradients(module, inputs[:8])
+    row["peak_mib"] = _peak_bytes(device, lambda: gradients(module, inputs)) / 2**20
+    ours, theirs = [], []
+    for _ in range(repeats):  # alternating, as compare_with_torch does for the forward pass
+        ours.append(_median_seconds(device, lambda: gradients(module, inputs), 1))
+        theirs.append(_median_seconds(device, lambda: gradients(reference, inputs), 1))
+    # Gradients are sums over T·B terms: compare relative to each gradient's largest entry.
+    difference = max(
+        float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+        for a, b in zip(gradients(module, inputs), gradients(reference, inputs))
+    )
+    row.update(
+        seconds=statistics.median(ours),
+        reference_seconds=statistics.median(theirs),
+        ratio=statistics.median(ours) / statistics.median(theirs),
+        max_rel_diff=difference,
+    )
+    if job["seq_len"] <= 4096:  # both float32 results against float64 torch.nn
+        exact = gradients(_float64(reference), inputs.double())
+        row["rel_error"] = _relative_error(gradients(module, inputs), exact)
+        row["reference_rel_error"] = _relative_error(gradients(reference, inputs), exact)
+    return row
+
+
+def _float64(module: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(module).double()
+
+
+def _relative_error(got: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
+    return max(float((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-300)) for a, b in zip(got, exact))
+
+
 def run_one(job: dict) -> dict:
     """One job, in this process."""
+    if job.get("pass") == "train":
+        return run_train(job)
     keep_freed_memory()
     device = torch.device(job["device"])
     dtype = torch.float32
@@ -182,19 +270,39 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="H ∈ {8, 64}, T ∈ {512, 4096}")
-    parser.add_argument("--out", type=Path, default=Path("docs"))
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # a job as JSON, run in this process
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_one(json.loads(args.one))))
-        return
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    jobs = plan(args.device, args.quick)
+def markdown_train(result: dict) -> str:
+    lines = [
+        f"### Training pass (forward + backward): {result['device_name']} — {result['date']}",
+        "",
+        f"float32, B = {BATCH}, torch.nn default initialisation; gradients of Σ w ⊙ output for the inputs and "
+        f"every parameter. Ratio = fixedpoint.nn ÷ torch.nn in the same process, alternating (< 1 is faster); "
+        f"rel diff = max over the gradients of max |diff| ÷ max |torch.nn's gradient|; rel error: the same "
+        f"against torch.nn in float64 (T ≤ 4096), for both float32 results; peak = memory the pass adds "
+        f"({'allocated' if result['device'] == 'cuda' else 'resident'}). `nn-auto`: solver and adjoint chosen "
+        f"by `auto`; `nn-quasi-newton`: quasi-Newton forward.",
+        "",
+        "| cell | H | T | method | rel diff | rel error | torch.nn rel error | seconds | torch.nn s | ratio | peak MiB | torch.nn MiB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    reference = {(r["cell"], r["hidden"], r["seq_len"]): r for r in result["rows"] if r["method"] == "torch.nn"}
+    for row in result["rows"]:
+        if row["method"] == "torch.nn":
+            continue
+        base = reference.get((row["cell"], row["hidden"], row["seq_len"]), {})
+        lines.append(
+            f"| {row['cell']} | {row['hidden']} | {row['seq_len']} | {row['method']} | {row['max_rel_diff']:.1e} | "
+            f"{_maybe(row.get('rel_error'))} | {_maybe(row.get('reference_rel_error'))} | {row['seconds']:.4f} | {row['reference_seconds']:.4f} | {row['ratio']:.2f} | {row['peak_mib']:.1f} | "
+            f"{base.get('peak_mib', float('nan')):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _maybe(value: float | None) -> str:
+    return "" if value is None else f"{value:.1e}"
+
+
+def run_jobs(jobs: list[dict]) -> list[dict]:
+    """Each job in its own process (so that its peak memory is its own)."""
     rows = []
     for number, job in enumerate(jobs, 1):
         done = subprocess.run(
@@ -205,31 +313,58 @@ def main() -> None:
             raise SystemExit(f"job {job} failed")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         row = rows[-1]
-        print(f"[{number}/{len(jobs)}] {job['cell']} H={job['hidden']} T={job['seq_len']} {job['method']}: "
-              f"{row['seconds']:.4f} s" + (f", ratio {row['ratio']:.2f}" if "ratio" in row else ""), flush=True)
+        print(f"[{number}/{len(jobs)}] {job.get('pass', 'forward')} {job['cell']} H={job['hidden']} T={job['seq_len']} "
+              f"{job['method']}: {row['seconds']:.4f} s" + (f", ratio {row['ratio']:.2f}" if "ratio" in row else ""),
+              flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--pass", dest="passes", choices=["forward", "train", "all"], default="all")
+    parser.add_argument("--quick", action="store_true", help="H ∈ {8, 64}, T ∈ {512, 4096}")
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a job as JSON, run in this process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
-    result = {
-        "device": args.device,
-        "device_name": describe(args.device),
-        "date": datetime.date.today().isoformat(),
-        "quick": args.quick,
-        "copy_gb_per_s": copy_bandwidth(device),
-        "rows": rows,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "benchmarks.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results[args.device] = result
-    path.write_text(json.dumps(results, indent=1))
-    sections = [markdown(results[key]) for key in sorted(results)]
-    (args.out / "benchmarks.md").write_text(HEADER + "\n\n".join(sections) + "\n")
-    print(markdown(result))
+    for name in ("forward", "train") if args.passes == "all" else (args.passes,):
+        jobs = plan(args.device, args.quick) if name == "forward" else plan_train(args.device, args.quick)
+        result = {
+            "device": args.device,
+            "pass": name,
+            "device_name": describe(args.device),
+            "date": datetime.date.today().isoformat(),
+            "quick": args.quick,
+            "rows": run_jobs(jobs),
+        }
+        if name == "forward":
+            result["copy_gb_per_s"] = copy_bandwidth(device)
+        # forward results keep the key of earlier files (the device); the training pass is "<device> train"
+        results[args.device if name == "forward" else f"{args.device} train"] = result
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+        sections = [render(results[key]) for key in sorted(results)]
+        (args.out / "benchmarks.md").write_text(HEADER + "\n\n".join(sections) + "\n")
+        print(render(result))
+
+
+def render(result: dict) -> str:
+    return markdown_train(result) if result.get("pass") == "train" else markdown(result)
 
 
 HEADER = """# Benchmarks
 
 Generated by `make bench` (`analysis/bench.py`); the numbers are in `benchmarks.json`.  One
-section per device, each with its date.  `auto` is the CLI default; `ran` says what it chose.
+section per device and pass (forward; training = forward + backward), each with its date.
+`auto` is the CLI default; `ran` says what it chose.
 
 """
 

@@ -40,6 +40,8 @@ ADJOINT_METHODS = ("auto", "scan", "sequential")
 SCAN_MAX_STATE = 128
 #: Positions whose Jacobian factors the sequential recurrence computes at once (bounds memory).
 SEQUENTIAL_CHUNK = 1024
+#: Gate entries ``positions·B·G·H`` per chunk of the parameter VJP (bounds its autograd graph).
+VJP_ELEMENTS = 2**22
 
 
 def check_adjoint_method(method: object) -> None:
@@ -132,7 +134,9 @@ def _adjoint_sequentially(system: SequenceSystem, states: Tensor, gradients: Ten
 def solution_gradients(
     system: SequenceSystem, states: Tensor, adjoint: Tensor, needs: tuple[bool, ...]
 ) -> tuple[Tensor | None, ...]:
-    """``λᵀ ∂F/∂(x, s_0, W_ih, W_hh, b_ih, b_hh)`` at ``S*`` in one batched vector–Jacobian product.
+    """``λᵀ ∂F/∂(x, s_0, W_ih, W_hh, b_ih, b_hh)`` at ``S*``: a vector–Jacobian product of ``F``
+    over all positions, batched in chunks of about ``VJP_ELEMENTS`` gate entries so that its
+    autograd graph stays bounded; weight gradients are summed over the chunks.
 
     ``needs`` says which of the six gradients to compute (the others are ``None``).  Returns
     ``(inputs (T, B, I), initial_state (B, S), weight_ih, weight_hh, bias_ih, bias_hh)``.
@@ -141,21 +145,34 @@ def solution_gradients(
     originals = (system.inputs, system.initial_state, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
     if len(needs) != len(originals):
         raise InputError(f"needs must have {len(originals)} entries, got {len(needs)}")
+    wanted = tuple(t is not None and bool(need) for t, need in zip(originals, needs))
+    steps, batch, _ = system.state_shape
+    size = max(1, VJP_ELEMENTS // (batch * cell.weight_hh.shape[0]))
+    totals: list[Tensor | None] = [None] * len(originals)
+    input_gradient = torch.empty_like(system.inputs) if wanted[0] else None
     with torch.enable_grad():
-        leaves = tuple(
-            None if t is None else t.detach().requires_grad_(bool(need)) for t, need in zip(originals, needs)
-        )
-        inputs, initial, weight_ih, weight_hh, bias_ih, bias_hh = leaves
-        differentiable = cell.with_tensors(weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh)
-        previous = torch.cat((initial.unsqueeze(0), states[:-1].detach()))
-        image = differentiable.step(previous, differentiable.input_projection(inputs))
-        wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
-        found = iter(torch.autograd.grad(image, wanted, adjoint, allow_unused=True)) if wanted else iter(())
-    gradients = []
-    for leaf in leaves:
-        wanted_here = leaf is not None and leaf.requires_grad
-        gradient = next(found) if wanted_here else None
-        if wanted_here and gradient is None:  # e.g. no path from the leaf: a true zero
-            gradient = torch.zeros_like(leaf)
-        gradients.append(gradient)
-    return tuple(gradients)
+        parameters = [None if t is None else t.detach().requires_grad_(w) for t, w in zip(originals[2:], wanted[2:])]
+        differentiable = cell.with_tensors(**dict(zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), parameters)))
+        for begin in range(0, steps, size):
+            end = min(steps, begin + size)
+            inputs = system.inputs[begin:end].detach().requires_grad_(wanted[0])
+            first = (system.initial_state.detach().requires_grad_(wanted[1]) if begin == 0 else states[begin - 1]).unsqueeze(0)
+            previous = torch.cat((first, states[begin : end - 1].detach()))
+            image = differentiable.step(previous, differentiable.input_projection(inputs))
+            leaves = (inputs, first if begin == 0 else None, *parameters)
+            asked = [leaf for leaf, w in zip(leaves, wanted) if w and leaf is not None]
+            found = iter(torch.autograd.grad(image, asked, adjoint[begin:end], allow_unused=True))
+            for index, (leaf, w) in enumerate(zip(leaves, wanted)):
+                if not w or leaf is None:
+                    continue
+                gradient = next(found)
+                if gradient is None:  # no path from this leaf: a true zero
+                    gradient = torch.zeros_like(leaf)
+                if index == 0:
+                    input_gradient[begin:end] = gradient
+                elif index == 1:
+                    totals[1] = gradient[0]
+                else:
+                    totals[index] = gradient if totals[index] is None else totals[index] + gradient
+    totals[0] = input_gradient
+    return tuple(totals)

@@ -419,3 +419,17 @@ def test_bad_options_are_refused():
         fnn.GRU(3, 4)(packed)
     with pytest.raises(InputError, match="NaN"):
         fnn.GRU(3, 4, dtype=torch.float64)(torch.full((3, 1, 3), float("nan"), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+def test_chunked_parameter_products_equal_one_batch(cell, monkeypatch):
+    kind, nonlinearity = cell
+    network = Network.random(kind, 2, 3, nonlinearity=nonlinearity, seed=4)
+    system = SequenceSystem.build(network.cells[0][0], randn(11, 2, 2, seed=1), 0.3 * randn(2, network.cells[0][0].state_size, seed=5))
+    states = system.sequential()
+    adjoint = randn(*system.state_shape, seed=2)
+    whole = solution_gradients(system, states, adjoint, (True,) * 6)
+    monkeypatch.setattr("fixedpoint.adjoint.VJP_ELEMENTS", 2 * network.cells[0][0].weight_hh.shape[0] * 3)  # 3 positions
+    chunked = solution_gradients(system, states, adjoint, (True,) * 6)
+    for a, b in zip(whole, chunked):
+        assert (a - b).abs().max().item() <= 1e-13
