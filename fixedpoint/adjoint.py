@@ -10,15 +10,20 @@ once): ``∂L/∂θ = λᵀ ∂F/∂θ`` for the weights and the inputs, and ``�
 backpropagation through time, reordered; docs/adjoint.md derives it.  Only ``S*`` is needed, so
 the memory of a backward pass does not depend on how many iterations the forward solve took.
 
-Two ways to run the recurrence, the same numbers:
+Three ways to run the recurrence, the same numbers:
 
-- ``"scan"``: the dense ``J_tᵀ`` and a parallel reverse scan (:func:`fixedpoint.scan.linear_recurrence`),
-  ``O(log T)`` depth, ``O(T·B·S³)`` work, in chunks that the memory guard of dense Newton plans;
 - ``"sequential"``: ``T`` steps of ``λ_t = g_t + J_{t+1}ᵀ λ_{t+1}``, each one product with ``W_hh``
-  through :meth:`~fixedpoint.cells.Cell.transposed_jacobian_product`, no ``S×S`` matrix.
+  through :meth:`~fixedpoint.cells.Cell.transposed_jacobian_product`, no ``S×S`` matrix;
+- ``"scan"``: the dense ``J_tᵀ`` and one parallel reverse scan (:func:`fixedpoint.scan.linear_recurrence`),
+  ``O(log T)`` depth, ``O(T·B·S³)`` work, in chunks that the memory guard of dense Newton plans;
+- ``"quasi-newton"``: iterations that scan only the per-unit part of ``Jᵀ`` (diagonal; LSTM 2×2
+  blocks) and apply the rest as one batched product, ``O(T·B·S)`` memory and work each; exact
+  after at most ``T`` iterations (finite termination), stopped when an update changes ``λ`` by
+  less than the dtype's default ``rtol`` times ``max |λ|`` per sample.
 
-``"auto"`` takes ``"sequential"`` on a CPU, where the scan's extra ``S``-fold work is never
-repaid, and ``"scan"`` on CUDA for ``S ≤ 128``.
+``"auto"`` takes ``"sequential"`` on a CPU (measured fastest there: docs/adjoint.md) and
+``"quasi-newton"`` on CUDA, where ``T`` sequential steps are ``T`` kernel launches and the dense
+scan's work grows as ``S³``.
 """
 
 from __future__ import annotations
@@ -29,15 +34,13 @@ import torch
 from torch import Tensor
 
 from fixedpoint.errors import InputError
-from fixedpoint.scan import linear_recurrence
-from fixedpoint.solvers.base import check_integer
+from fixedpoint.scan import apply_transitions, linear_recurrence
+from fixedpoint.solvers.base import DEFAULT_TOLERANCES, check_integer
 from fixedpoint.solvers.newton import plan_dense_chunk
 from fixedpoint.system import SequenceSystem
 
-AdjointMethod = Literal["auto", "scan", "sequential"]
-ADJOINT_METHODS = ("auto", "scan", "sequential")
-#: Largest state size for which ``"auto"`` uses the dense scan on CUDA (its work grows as ``S³``).
-SCAN_MAX_STATE = 128
+AdjointMethod = Literal["auto", "scan", "quasi-newton", "sequential"]
+ADJOINT_METHODS = ("auto", "scan", "quasi-newton", "sequential")
 #: Positions whose Jacobian factors the sequential recurrence computes at once (bounds memory).
 SEQUENTIAL_CHUNK = 1024
 #: Gate entries ``positions·B·G·H`` per chunk of the parameter VJP (bounds its autograd graph).
@@ -49,13 +52,12 @@ def check_adjoint_method(method: object) -> None:
         raise InputError(f"adjoint must be one of {', '.join(map(repr, ADJOINT_METHODS))}, got {method!r}")
 
 
-def resolve_adjoint_method(method: AdjointMethod, system: SequenceSystem) -> Literal["scan", "sequential"]:
+def resolve_adjoint_method(method: AdjointMethod, system: SequenceSystem) -> Literal["scan", "quasi-newton", "sequential"]:
     """The method ``"auto"`` stands for on this system's device and state size."""
     check_adjoint_method(method)
     if method != "auto":
         return method
-    on_cuda = system.inputs.device.type == "cuda"
-    return "scan" if on_cuda and system.cell.state_size <= SCAN_MAX_STATE else "sequential"
+    return "quasi-newton" if system.inputs.device.type == "cuda" else "sequential"
 
 
 def adjoint_states(
@@ -84,11 +86,15 @@ def adjoint_states(
         )
     check_integer("chunk", chunk, allow_none=True)
     check_integer("memory_limit", memory_limit, allow_none=True)
-    if resolve_adjoint_method(method, system) == "scan":
+    resolved = resolve_adjoint_method(method, system)
+    if resolved == "scan":
         size = plan_dense_chunk(
-            system, chunk, memory_limit, what="the scanned adjoint", advice="use adjoint='sequential' (no S×S matrices)"
+            system, chunk, memory_limit, what="the scanned adjoint",
+            advice="use adjoint='quasi-newton' or 'sequential' (no S×S matrices)",
         )
         return _adjoint_by_scan(system, states, state_gradients, size)
+    if resolved == "quasi-newton":
+        return _adjoint_by_quasi_newton(system, states, state_gradients)
     return _adjoint_sequentially(system, states, state_gradients)
 
 
@@ -109,6 +115,37 @@ def _adjoint_by_scan(system: SequenceSystem, states: Tensor, gradients: Tensor, 
         adjoint[start:end] = linear_recurrence(transposed, gradients[start:end], carry, reverse=True)
         del transposed
         carry = adjoint[start]
+    return adjoint
+
+
+def _adjoint_by_quasi_newton(system: SequenceSystem, states: Tensor, gradients: Tensor) -> Tensor:
+    # Split J = D + R with D the per-unit part (diagonal; LSTM 2×2 blocks).  Each iteration solves
+    # λ⁺_t = g_t + D_{t+1}ᵀ λ⁺_{t+1} + R_{t+1}ᵀ λ_{t+1} by a cheap reverse scan; R's product is one
+    # batched Jᵀ product minus Dᵀ.  The system is triangular, so after k iterations the last k
+    # positions are exact: at most T iterations (finite termination), usually far fewer.
+    cell, projected = system.cell, system.projected_inputs
+    steps = system.seq_len
+    if steps == 1:
+        return gradients.clone()
+    structure = "block2" if cell.kind == "lstm" else "diagonal"
+    factors = cell.linearization(states[:-1], projected[1:])
+    unit = cell.unit_jacobian(states[:-1], projected[1:])
+    unit = unit.mT if structure == "block2" else unit
+    transitions = torch.cat((unit, unit.new_zeros(1, *unit.shape[1:])))  # λ_{T+1} = 0: any A_T works
+    rtol = DEFAULT_TOLERANCES[gradients.dtype][0]
+    tiny = torch.finfo(gradients.dtype).tiny
+    adjoint = gradients.clone()  # λ⁰ = g: exact at t = T
+    zero = torch.zeros_like(gradients[0])
+    for _ in range(steps - 1):
+        values = gradients.clone()
+        coupling = cell.transposed_jacobian_product(factors, adjoint[1:])
+        values[:-1] += coupling - apply_transitions(unit, adjoint[1:], structure)
+        updated = linear_recurrence(transitions, values, zero, reverse=True)
+        change = (updated - adjoint).abs().amax(dim=(0, 2))  # (B,)
+        scale = updated.abs().amax(dim=(0, 2))
+        adjoint = updated
+        if bool((change <= rtol * scale + tiny).all()):
+            break
     return adjoint
 
 

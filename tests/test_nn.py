@@ -97,7 +97,7 @@ def assert_matches_torch(
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["TB", "BT"])
-@pytest.mark.parametrize("adjoint", ["scan", "sequential"])
+@pytest.mark.parametrize("adjoint", ["scan", "quasi-newton", "sequential"])
 def test_every_structure_matches_torch_float64(cell, num_layers, bidirectional, batch_first, adjoint):
     kind, nonlinearity = cell
     reference, solved = make_pair(
@@ -109,7 +109,7 @@ def test_every_structure_matches_torch_float64(cell, num_layers, bidirectional, 
 
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
 @pytest.mark.parametrize("solver", ["sequential", "picard", "anderson", "newton", "quasi-newton", "damped"])
-@pytest.mark.parametrize("adjoint", ["scan", "sequential"])
+@pytest.mark.parametrize("adjoint", ["scan", "quasi-newton", "sequential"])
 def test_every_solver_gives_torch_gradients(cell, solver, adjoint):
     kind, nonlinearity = cell
     reference, solved = make_pair(kind, nonlinearity, num_layers=2, bidirectional=True, solver=solver, adjoint=adjoint)
@@ -162,7 +162,7 @@ def test_dropout_between_layers_draws_as_torch(kind):
 
 # -- gradcheck and training -------------------------------------------------------------------------
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
-@pytest.mark.parametrize("adjoint", ["scan", "sequential"])
+@pytest.mark.parametrize("adjoint", ["scan", "quasi-newton", "sequential"])
 def test_gradcheck_layer(cell, adjoint):
     kind, nonlinearity = cell
     network = Network.random(kind, 2, 3, nonlinearity=nonlinearity, seed=3)
@@ -269,10 +269,12 @@ def test_backward_memory_does_not_grow_with_iterations(kind):
     batch=st.integers(1, 3),
     hidden=st.integers(1, 4),
     chunk=st.one_of(st.none(), st.integers(1, 6)),
+    scale=st.sampled_from([1.0, 4.0]),
 )
-def test_adjoint_methods_equal_the_sequential_reference(cell, steps, batch, hidden, chunk):
+def test_adjoint_methods_equal_the_sequential_reference(cell, steps, batch, hidden, chunk, scale):
+    # scale 4: expanding recurrent weights, where the iterative adjoint needs up to T iterations
     kind, nonlinearity = cell
-    network = Network.random(kind, 2, hidden, nonlinearity=nonlinearity, seed=steps)
+    network = Network.random(kind, 2, hidden, nonlinearity=nonlinearity, seed=steps, scale=scale)
     system = SequenceSystem.build(network.cells[0][0], randn(steps, batch, 2, seed=1), 0.3 * randn(batch, network.cells[0][0].state_size, seed=2))
     states = system.sequential()
     gradients = randn(*system.state_shape, seed=3)
@@ -280,7 +282,7 @@ def test_adjoint_methods_equal_the_sequential_reference(cell, steps, batch, hidd
     jacobians = system.cell.jacobian(states[:-1], system.projected_inputs[1:]).mT
     transitions = torch.cat((jacobians, jacobians.new_zeros(1, *jacobians.shape[1:])))
     expected = linear_recurrence_sequential(transitions, gradients, torch.zeros_like(gradients[0]), reverse=True)
-    for method in ("scan", "sequential"):
+    for method in ("scan", "quasi-newton", "sequential"):
         got = adjoint_states(system, states, gradients, method=method, chunk=chunk if method == "scan" else None)
         assert (got - expected).abs().max().item() <= 1e-12 * max(1.0, expected.abs().max().item())
 
@@ -313,7 +315,7 @@ def test_scanned_adjoint_refuses_when_jacobians_do_not_fit():
     network = Network.random("gru", 2, 8, seed=1)
     system = SequenceSystem.build(network.cells[0][0], randn(64, 2, 2, seed=1))
     states = system.sequential()
-    with pytest.raises(InputError, match="adjoint='sequential'"):
+    with pytest.raises(InputError, match="adjoint='quasi-newton' or 'sequential'"):
         adjoint_states(system, states, torch.ones_like(states), method="scan", memory_limit=1000)
     with pytest.raises(InputError, match="adjoint must be one of"):
         adjoint_states(system, states, torch.ones_like(states), method="backprop")
@@ -433,3 +435,29 @@ def test_chunked_parameter_products_equal_one_batch(cell, monkeypatch):
     chunked = solution_gradients(system, states, adjoint, (True,) * 6)
     for a, b in zip(whole, chunked):
         assert (a - b).abs().max().item() <= 1e-13
+
+
+# -- CUDA (skipped without a device) ------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("adjoint", ["auto", "scan", "quasi-newton", "sequential"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_gradients_match_torch_on_cuda(cell, adjoint, dtype):
+    """Against cuDNN's backward, TF32 off; auto's forward calibrates there."""
+    kind, nonlinearity = cell
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    reference, solved = make_pair(
+        kind, nonlinearity, num_layers=2, bidirectional=True, dtype=dtype, solver="auto", adjoint=adjoint
+    )
+    reference, solved = reference.cuda(), solved.cuda()
+    steps = 300 if dtype == torch.float64 else 64  # float32 rounding grows with T
+    inputs = randn(steps, 3, 3, seed=7, dtype=dtype).cuda().requires_grad_()
+    expected_out, expected_grads = forward_and_gradients(reference, inputs, None)
+    got_out, got_grads = forward_and_gradients(solved, inputs, None)
+    bound = BOUNDS[dtype]
+    for got, expected in zip(got_out, expected_out):
+        assert (got - expected).abs().max().item() <= bound
+    for got, expected in zip(got_grads, expected_grads):
+        assert (got - expected).abs().max().item() <= bound * max(1.0, expected.abs().max().item())
