@@ -12,9 +12,11 @@ from fixedpoint.solve import NetworkSolution, Result, Solution, Stats, solve, so
 from fixedpoint.solvers import Anderson, Auto, Newton, Picard, QuasiNewton, Sequential, Solver
 from fixedpoint.system import SequenceSystem
 
+from fixedpoint import nn  # noqa: E402  (drop-in modules; imports the rest of the package)
+
 __all__ = [
     "Anderson", "Auto", "Cell", "ElmanCell", "GRUCell", "InputError", "LSTMCell", "Network",
     "NetworkSolution", "Newton", "NoConvergence", "Picard", "QuasiNewton", "Result", "Sequential", "SequenceSystem",
-    "Solution", "Solver", "Stats", "load_network", "solve", "solve_network",
+    "Solution", "Solver", "Stats", "load_network", "nn", "solve", "solve_network",
 ]
 __version__ = "0.1.0"

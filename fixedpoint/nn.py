@@ -110,7 +110,6 @@ def resolve_solver(solver: Solver | str | None) -> Solver:
 class _Solved:
     """What the three modules share: the options and the layer-by-layer forward pass."""
 
-    mode: str
     _kind: str
 
     def _configure(self, solver: Solver | str | None, max_steps: int | None, adjoint: AdjointMethod) -> None:
@@ -141,40 +140,31 @@ class _Solved:
         return module.train(self.training)  # type: ignore[attr-defined]
 
     def _initial_state(self, input: Tensor, hx: Any, batched: bool) -> Tensor:
-        """``hx`` checked as ``torch.nn`` checks it, as one ``(L·D, B, S)`` tensor."""
+        """``hx`` checked as ``torch.nn`` checks it (same messages), as one ``(L·D, B, S)`` tensor."""
+        lstm = self._kind == "lstm"
         batch = input.shape[0 if self.batch_first else 1]  # type: ignore[attr-defined]
         count = self.num_layers * (2 if self.bidirectional else 1)  # type: ignore[attr-defined]
-        zeros = torch.zeros(count, batch, self.hidden_size, dtype=input.dtype, device=input.device)  # type: ignore[attr-defined]
-        if self._kind == "lstm":
-            if hx is None:
-                hx = (zeros, zeros)
-            else:
-                if not (isinstance(hx, tuple) and len(hx) == 2):
-                    raise TypeError("LSTM: hx must be a tuple (h_0, c_0)")
-                wanted = 3 if batched else 2
-                if hx[0].dim() != wanted or hx[1].dim() != wanted:
-                    kind = "batched 3-D" if batched else "unbatched 2-D"
-                    raise RuntimeError(
-                        f"For {kind} input, hx and cx should also be {wanted}-D but got "
-                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
-                    )
-                if not batched:
-                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-            self.check_forward_args(input, hx, None)  # type: ignore[attr-defined]
-            return torch.cat(hx, dim=-1)
         if hx is None:
-            hx = zeros
+            zeros = torch.zeros(count, batch, self.hidden_size, dtype=input.dtype, device=input.device)  # type: ignore[attr-defined]
+            parts: tuple[Tensor, ...] = (zeros, zeros) if lstm else (zeros,)
         else:
-            if isinstance(hx, tuple):
-                raise TypeError(f"{type(self).__name__}: hx must be a tensor h_0, not a tuple")
+            if lstm != isinstance(hx, tuple) or (lstm and len(hx) != 2):
+                wanted_type = "a tuple (h_0, c_0)" if lstm else "a tensor h_0, not a tuple"
+                raise TypeError(f"{type(self).__name__}: hx must be {wanted_type}")
+            parts = hx if lstm else (hx,)
             wanted = 3 if batched else 2
-            if hx.dim() != wanted:
+            if any(part.dim() != wanted for part in parts):
                 kind = "batched 3-D" if batched else "unbatched 2-D"
-                raise RuntimeError(f"For {kind} input, hx should also be {wanted}-D but got {hx.dim()}-D tensor")
+                found = ", ".join(f"{part.dim()}-D" for part in parts)
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {wanted}-D but got ({found}) tensors"
+                    if lstm
+                    else f"For {kind} input, hx should also be {wanted}-D but got {found} tensor"
+                )
             if not batched:
-                hx = hx.unsqueeze(1)
-        self.check_forward_args(input, hx, None)  # type: ignore[attr-defined]
-        return hx
+                parts = tuple(part.unsqueeze(1) for part in parts)
+        self.check_forward_args(input, parts if lstm else parts[0], None)  # type: ignore[attr-defined]
+        return torch.cat(parts, dim=-1)
 
     def forward(self, input: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
         """``torch.nn``'s forward: ``input (T, B, I)`` (``(B, T, I)`` with ``batch_first``, or
