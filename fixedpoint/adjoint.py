@@ -43,6 +43,9 @@ AdjointMethod = Literal["auto", "scan", "quasi-newton", "sequential"]
 ADJOINT_METHODS = ("auto", "scan", "quasi-newton", "sequential")
 #: Positions whose Jacobian factors the sequential recurrence computes at once (bounds memory).
 SEQUENTIAL_CHUNK = 1024
+#: Iterations of the quasi-Newton adjoint before the positions not yet exact are finished by the
+#: sequential recurrence (where Jᵀ expands the iteration needs up to T scans: a T² cost).
+QUASI_NEWTON_MAX_ITERATIONS = 64
 #: Gate entries ``positions·B·G·H`` per chunk of the parameter VJP (bounds its autograd graph).
 VJP_ELEMENTS = 2**22
 
@@ -53,7 +56,7 @@ def check_adjoint_method(method: object) -> None:
 
 
 def resolve_adjoint_method(method: AdjointMethod, system: SequenceSystem) -> Literal["scan", "quasi-newton", "sequential"]:
-    """The method ``"auto"`` stands for on this system's device and state size."""
+    """The method ``"auto"`` stands for on this system's device."""
     check_adjoint_method(method)
     if method != "auto":
         return method
@@ -75,7 +78,7 @@ def adjoint_states(
         system: the system that ``states`` solves.
         states: ``S*``, the exact solution.
         state_gradients: ``g_t = ∂L/∂s_t``, ``(T, B, S)``.
-        method: ``"auto"``, ``"scan"`` or ``"sequential"`` (module docstring).
+        method: ``"auto"``, ``"sequential"``, ``"scan"`` or ``"quasi-newton"`` (module docstring).
         chunk, memory_limit: for ``"scan"``: positions per chunk and the byte budget of the dense
             Jacobians, as for :class:`~fixedpoint.solvers.Newton`.
     """
@@ -121,12 +124,10 @@ def _adjoint_by_scan(system: SequenceSystem, states: Tensor, gradients: Tensor, 
 def _adjoint_by_quasi_newton(system: SequenceSystem, states: Tensor, gradients: Tensor) -> Tensor:
     # Split J = D + R with D the per-unit part (diagonal; LSTM 2×2 blocks).  Each iteration solves
     # λ⁺_t = g_t + D_{t+1}ᵀ λ⁺_{t+1} + R_{t+1}ᵀ λ_{t+1} by a cheap reverse scan; R's product is one
-    # batched Jᵀ product minus Dᵀ.  The system is triangular, so after k iterations the last k
-    # positions are exact: at most T iterations (finite termination), usually far fewer.
+    # batched Jᵀ product minus Dᵀ.  The system is triangular: after k iterations the last k + 1
+    # positions are exact (finite termination).
     cell, projected = system.cell, system.projected_inputs
     steps = system.seq_len
-    if steps == 1:
-        return gradients.clone()
     structure = "block2" if cell.kind == "lstm" else "diagonal"
     factors = cell.linearization(states[:-1], projected[1:])
     unit = cell.unit_jacobian(states[:-1], projected[1:])
@@ -134,29 +135,43 @@ def _adjoint_by_quasi_newton(system: SequenceSystem, states: Tensor, gradients: 
     transitions = torch.cat((unit, unit.new_zeros(1, *unit.shape[1:])))  # λ_{T+1} = 0: any A_T works
     rtol = DEFAULT_TOLERANCES[gradients.dtype][0]
     tiny = torch.finfo(gradients.dtype).tiny
-    adjoint = gradients.clone()  # λ⁰ = g: exact at t = T
     zero = torch.zeros_like(gradients[0])
-    for _ in range(steps - 1):
-        values = gradients.clone()
+    adjoint = gradients.clone()  # λ⁰ = g: exact at t = T
+    for iteration in range(QUASI_NEWTON_MAX_ITERATIONS + 1):
+        # The image g_t + J_{t+1}ᵀ λ_{t+1} is one exact position ahead of λ (a Picard step).  Stop
+        # when, at every position of every sample, it differs from λ by less than rtol times the
+        # size of the terms there: a test relative to the largest entry of the whole sequence
+        # would accept tiny components that an expanding Jᵀ later amplifies.
         coupling = cell.transposed_jacobian_product(factors, adjoint[1:])
-        values[:-1] += coupling - apply_transitions(unit, adjoint[1:], structure)
-        updated = linear_recurrence(transitions, values, zero, reverse=True)
-        change = (updated - adjoint).abs().amax(dim=(0, 2))  # (B,)
-        scale = updated.abs().amax(dim=(0, 2))
-        adjoint = updated
-        if bool((change <= rtol * scale + tiny).all()):
+        image = gradients.clone()
+        image[:-1] += coupling
+        size = gradients.abs() + adjoint.abs()
+        size[:-1] += coupling.abs()
+        if bool(((image - adjoint).abs().amax(-1) <= rtol * size.amax(-1) + tiny).all()):
+            return image
+        if iteration == QUASI_NEWTON_MAX_ITERATIONS:
             break
-    return adjoint
+        image[:-1] -= apply_transitions(unit, adjoint[1:], structure)
+        adjoint = linear_recurrence(transitions, image, zero, reverse=True)
+    # Not settled (an expanding Jᵀ moves one position per iteration): finish the positions that
+    # are not yet exact by the sequential recurrence, from the last image's exact suffix.
+    return _adjoint_sequentially(system, states, gradients, image, exact_from=max(0, steps - 2 - QUASI_NEWTON_MAX_ITERATIONS))
 
 
-def _adjoint_sequentially(system: SequenceSystem, states: Tensor, gradients: Tensor) -> Tensor:
+def _adjoint_sequentially(
+    system: SequenceSystem, states: Tensor, gradients: Tensor, adjoint: Tensor | None = None, exact_from: int | None = None
+) -> Tensor:
+    """The recurrence step by step.  With ``adjoint`` exact at positions ``≥ exact_from`` (default:
+    only the last, ``λ_T = g_T``), fills in the positions before, in place."""
     cell, projected = system.cell, system.projected_inputs
     steps = system.seq_len
-    adjoint = torch.empty_like(gradients)
-    current = gradients[-1]
-    adjoint[-1] = current
-    # Positions t = T − 2 … 0, in chunks; factors[k] linearises f at position t + 1 = start + k + 1.
-    for end in range(steps - 1, 0, -SEQUENTIAL_CHUNK):
+    if adjoint is None:
+        adjoint = torch.empty_like(gradients)
+        adjoint[-1] = gradients[-1]
+    exact_from = steps - 1 if exact_from is None else exact_from
+    current = adjoint[exact_from]
+    # Positions t = exact_from − 1 … 0, in chunks; factors[k] linearises f at position start + k + 1.
+    for end in range(exact_from, 0, -SEQUENTIAL_CHUNK):
         start = max(0, end - SEQUENTIAL_CHUNK)
         factors = cell.linearization(states[start:end], projected[start + 1 : end + 1])
         # One unbind per factor instead of an indexing op per step: the loop is overhead-bound.
@@ -179,37 +194,38 @@ def solution_gradients(
     ``(inputs (T, B, I), initial_state (B, S), weight_ih, weight_hh, bias_ih, bias_hh)``.
     """
     cell = system.cell
-    originals = (system.inputs, system.initial_state, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    originals = (system.inputs, system.initial_state, *(getattr(cell, name) for name in names))
     if len(needs) != len(originals):
         raise InputError(f"needs must have {len(originals)} entries, got {len(needs)}")
-    wanted = tuple(t is not None and bool(need) for t, need in zip(originals, needs))
+    inputs_wanted, initial_wanted, *weights_wanted = (t is not None and bool(n) for t, n in zip(originals, needs))
     steps, batch, _ = system.state_shape
     size = max(1, VJP_ELEMENTS // (batch * cell.weight_hh.shape[0]))
-    totals: list[Tensor | None] = [None] * len(originals)
-    input_gradient = torch.empty_like(system.inputs) if wanted[0] else None
+    input_gradient = torch.empty_like(system.inputs) if inputs_wanted else None
+    initial_gradient: Tensor | None = None
+    weight_gradients: list[Tensor | None] = [None] * len(names)
+    detached = states.detach()
     with torch.enable_grad():
-        parameters = [None if t is None else t.detach().requires_grad_(w) for t, w in zip(originals[2:], wanted[2:])]
-        differentiable = cell.with_tensors(**dict(zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), parameters)))
+        weights = [None if t is None else t.detach().requires_grad_(w) for t, w in zip(originals[2:], weights_wanted)]
+        differentiable = cell.with_tensors(**dict(zip(names, weights)))
+        initial = system.initial_state.detach().requires_grad_(initial_wanted)
         for begin in range(0, steps, size):
             end = min(steps, begin + size)
-            inputs = system.inputs[begin:end].detach().requires_grad_(wanted[0])
-            first = (system.initial_state.detach().requires_grad_(wanted[1]) if begin == 0 else states[begin - 1]).unsqueeze(0)
-            previous = torch.cat((first, states[begin : end - 1].detach()))
+            inputs = system.inputs[begin:end].detach().requires_grad_(inputs_wanted)
+            first = initial if begin == 0 else detached[begin - 1]
+            previous = torch.cat((first.unsqueeze(0), detached[begin : end - 1]))
             image = differentiable.step(previous, differentiable.input_projection(inputs))
-            leaves = (inputs, first if begin == 0 else None, *parameters)
-            asked = [leaf for leaf, w in zip(leaves, wanted) if w and leaf is not None]
-            found = iter(torch.autograd.grad(image, asked, adjoint[begin:end], allow_unused=True))
-            for index, (leaf, w) in enumerate(zip(leaves, wanted)):
-                if not w or leaf is None:
-                    continue
-                gradient = next(found)
-                if gradient is None:  # no path from this leaf: a true zero
-                    gradient = torch.zeros_like(leaf)
-                if index == 0:
-                    input_gradient[begin:end] = gradient
-                elif index == 1:
-                    totals[1] = gradient[0]
-                else:
-                    totals[index] = gradient if totals[index] is None else totals[index] + gradient
-    totals[0] = input_gradient
-    return tuple(totals)
+            asks_initial = initial_wanted and begin == 0
+            leaves = [inputs] * inputs_wanted + [initial] * asks_initial + [w for w in weights if w is not None and w.requires_grad]
+            found = list(torch.autograd.grad(image, leaves, adjoint[begin:end], allow_unused=True)) if leaves else []
+            # A leaf with no path to F (e.g. W_ih when I = 0 rows) gets a true zero.
+            found = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, found)]
+            if inputs_wanted:
+                input_gradient[begin:end] = found.pop(0)
+            if asks_initial:
+                initial_gradient = found.pop(0)
+            for index, weight in enumerate(weights):
+                if weight is not None and weight.requires_grad:
+                    gradient = found.pop(0)
+                    weight_gradients[index] = gradient if weight_gradients[index] is None else weight_gradients[index] + gradient
+    return (input_gradient, initial_gradient, *weight_gradients)
