@@ -23,13 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as functional
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence
 
 from fixedpoint.adjoint import AdjointMethod, adjoint_states, check_adjoint_method, solution_gradients
 from fixedpoint.cells import CELL_TYPES, Cell
 from fixedpoint.errors import InputError
-from fixedpoint.network import TORCH_MODULES
 from fixedpoint.solve import solve
 from fixedpoint.solvers import SOLVERS, Solver
 from fixedpoint.solvers.base import check_integer
@@ -52,17 +50,19 @@ class LayerOptions:
 
 
 class SolvedLayer(torch.autograd.Function):
-    """One layer, one direction: ``(options, record, x (T, B, I), s_0 (B, S), weights…) → (h (T, B, H), s_T (B, S))``.
+    """One layer, one direction: ``(options, grad_enabled, x (T, B, I), s_0 (B, S), weights…) →
+    (h (T, B, H), s_T (B, S))``.
 
     Forward: the solve.  Backward: the adjoint recurrence at the saved solution ``S*`` and one
-    vector–Jacobian product of ``F``; only ``S*``, the inputs and the weights are saved.
+    vector–Jacobian product of ``F``; only ``S*``, the inputs and the weights are saved.  Both run
+    in the weights' dtype (autocast off) and support one backward pass, not double backward.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         options: LayerOptions,
-        record: bool,
+        grad_enabled: bool,
         inputs: Tensor,
         initial_state: Tensor,
         weight_ih: Tensor,
@@ -70,28 +70,44 @@ class SolvedLayer(torch.autograd.Function):
         bias_ih: Tensor | None,
         bias_hh: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        cell = options.cell(weight_ih, weight_hh, bias_ih, bias_hh)
-        system = SequenceSystem.build(cell, inputs, initial_state)
-        solution = solve(system, options.solver, max_steps=options.max_steps)
+        with _autocast_off(inputs):
+            cell = options.cell(weight_ih, weight_hh, bias_ih, bias_hh)
+            system = SequenceSystem.build(cell, inputs, initial_state)
+            solution = solve(system, options.solver, max_steps=options.max_steps)
         ctx.options = options
-        # ``record``: whether autograd was on at the call (inside forward it is always off).
-        if record and any(ctx.needs_input_grad):
-            ctx.save_for_backward(inputs, initial_state, solution.value, weight_ih, weight_hh, bias_ih, bias_hh)
-        # A fresh final state: it must not be a view of the saved solution.
-        return solution.hidden, solution.final_state.clone()
+        hidden, final = solution.hidden, solution.final_state
+        # Inside forward autograd is always off: ``grad_enabled`` says whether it was on at the call.
+        if grad_enabled and any(ctx.needs_input_grad):
+            states = solution.value
+            ctx.save_for_backward(inputs, initial_state, states, weight_ih, weight_hh, bias_ih, bias_hh)
+            if hidden.untyped_storage().data_ptr() == states.untyped_storage().data_ptr():
+                hidden = hidden.clone()  # the caller may modify its output in place, as torch.nn allows
+        # The final state must not share memory with the output or the saved solution either.
+        return hidden, final.clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, hidden_gradient: Tensor, final_gradient: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fixedpoint.nn modules support one backward pass, not double backward "
+                "(create_graph=True, e.g. a gradient penalty); use the torch.nn module for that"
+            )
         inputs, initial_state, states, weight_ih, weight_hh, bias_ih, bias_hh = ctx.saved_tensors
         options: LayerOptions = ctx.options
-        cell = options.cell(weight_ih, weight_hh, bias_ih, bias_hh)
-        system = SequenceSystem(cell, inputs, initial_state)
-        state_gradients = torch.zeros_like(states)
-        state_gradients[..., : cell.hidden_size] = hidden_gradient
-        state_gradients[-1] += final_gradient
-        adjoint = adjoint_states(system, states, state_gradients, method=options.adjoint)
-        return (None, None, *solution_gradients(system, states, adjoint, ctx.needs_input_grad[2:]))
+        with _autocast_off(inputs):
+            cell = options.cell(weight_ih, weight_hh, bias_ih, bias_hh)
+            system = SequenceSystem(cell, inputs, initial_state)
+            state_gradients = torch.zeros_like(states)
+            state_gradients[..., : cell.hidden_size] = hidden_gradient
+            state_gradients[-1] += final_gradient
+            adjoint = adjoint_states(system, states, state_gradients, method=options.adjoint)
+            gradients = solution_gradients(system, states, adjoint, ctx.needs_input_grad[2:])
+        return (None, None, *gradients)
+
+
+def _autocast_off(tensor: Tensor) -> Any:
+    """Solve and differentiate in the weights' dtype even inside ``torch.autocast``."""
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
 def resolve_solver(solver: Solver | str | None) -> Solver:
@@ -108,9 +124,27 @@ def resolve_solver(solver: Solver | str | None) -> Solver:
 
 
 class _Solved:
-    """What the three modules share: the options and the layer-by-layer forward pass."""
+    """What the three modules share: the options, the conversions and the layer-by-layer forward.
+
+    Mixed in before the ``torch.nn`` class, whose attributes it reads (declared here for type
+    checkers).
+    """
 
     _kind: str
+    _torch_type: type[nn.RNNBase]
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    bias: bool
+    batch_first: bool
+    dropout: float
+    bidirectional: bool
+    training: bool
+    weight_hh_l0: Tensor
+    check_forward_args: Any
+    state_dict: Any
+    load_state_dict: Any
+    named_parameters: Any
 
     def _configure(self, solver: Solver | str | None, max_steps: int | None, adjoint: AdjointMethod) -> None:
         check_integer("max_steps", max_steps, allow_none=True)
@@ -124,34 +158,45 @@ class _Solved:
         return LayerOptions(self._kind, nonlinearity, self.solver, self.max_steps, self.adjoint)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, solver={self.solver.name}, adjoint={self.adjoint!r}"  # type: ignore[misc]
+        return (
+            f"{super().extra_repr()}, solver={self.solver.name}, max_steps={self.max_steps}, "  # type: ignore[misc]
+            f"adjoint={self.adjoint!r}"
+        )
+
+    # -- conversions -------------------------------------------------------------------------------
+    @classmethod
+    def from_torch(cls, module: nn.RNNBase, **options: Any) -> Any:
+        """The module with ``module``'s configuration and a copy of its parameters (frozen ones
+        stay frozen); ``options``: ``solver``, ``max_steps``, ``adjoint``."""
+        if not isinstance(module, cls._torch_type):
+            raise InputError(f"expected a torch.nn.{cls._torch_type.__name__}, got {type(module).__name__}")
+        if getattr(module, "proj_size", 0):
+            raise InputError("LSTM with proj_size > 0 is not supported")
+        solved = cls(module.input_size, module.hidden_size, **_configuration(module), **options)
+        _copy_parameters(module, solved)
+        return solved
 
     def to_torch(self) -> nn.RNNBase:
         """The ``torch.nn`` module with the same configuration and a copy of the parameters."""
-        configuration = dict(
-            num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,  # type: ignore[attr-defined]
-            dropout=self.dropout, bidirectional=self.bidirectional,  # type: ignore[attr-defined]
-            device=self.weight_hh_l0.device, dtype=self.weight_hh_l0.dtype,  # type: ignore[attr-defined]
-        )
-        if self._kind == "elman":
-            configuration["nonlinearity"] = self.nonlinearity  # type: ignore[attr-defined]
-        module = TORCH_MODULES[self._kind](self.input_size, self.hidden_size, **configuration)  # type: ignore[attr-defined]
-        module.load_state_dict(self.state_dict())  # type: ignore[attr-defined]
-        return module.train(self.training)  # type: ignore[attr-defined]
+        module = self._torch_type(self.input_size, self.hidden_size, **_configuration(self))  # type: ignore[arg-type]
+        _copy_parameters(self, module)  # type: ignore[arg-type]
+        return module
 
+    # -- forward -------------------------------------------------------------------------------------
     def _initial_state(self, input: Tensor, hx: Any, batched: bool) -> Tensor:
         """``hx`` checked as ``torch.nn`` checks it (same messages), as one ``(L·D, B, S)`` tensor."""
         lstm = self._kind == "lstm"
-        batch = input.shape[0 if self.batch_first else 1]  # type: ignore[attr-defined]
-        count = self.num_layers * (2 if self.bidirectional else 1)  # type: ignore[attr-defined]
+        batch = input.shape[0 if self.batch_first else 1]
+        count = self.num_layers * (2 if self.bidirectional else 1)
         if hx is None:
-            zeros = torch.zeros(count, batch, self.hidden_size, dtype=input.dtype, device=input.device)  # type: ignore[attr-defined]
+            zeros = torch.zeros(count, batch, self.hidden_size, dtype=input.dtype, device=input.device)
             parts: tuple[Tensor, ...] = (zeros, zeros) if lstm else (zeros,)
         else:
-            if lstm != isinstance(hx, tuple) or (lstm and len(hx) != 2):
+            pair = isinstance(hx, (tuple, list))
+            if lstm != pair or (lstm and len(hx) != 2):
                 wanted_type = "a tuple (h_0, c_0)" if lstm else "a tensor h_0, not a tuple"
                 raise TypeError(f"{type(self).__name__}: hx must be {wanted_type}")
-            parts = hx if lstm else (hx,)
+            parts = tuple(hx) if lstm else (hx,)
             wanted = 3 if batched else 2
             if any(part.dim() != wanted for part in parts):
                 kind = "batched 3-D" if batched else "unbatched 2-D"
@@ -163,7 +208,7 @@ class _Solved:
                 )
             if not batched:
                 parts = tuple(part.unsqueeze(1) for part in parts)
-        self.check_forward_args(input, parts if lstm else parts[0], None)  # type: ignore[attr-defined]
+        self.check_forward_args(input, parts if lstm else parts[0], None)
         return torch.cat(parts, dim=-1)
 
     def forward(self, input: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
@@ -177,42 +222,42 @@ class _Solved:
         if input.dim() not in (2, 3):
             raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
+        batch_axis = 0 if self.batch_first else 1
         if not batched:
-            input = input.unsqueeze(0 if self.batch_first else 1)  # type: ignore[attr-defined]
+            input = input.unsqueeze(batch_axis)
         initial = self._initial_state(input, hx, batched)  # (L·D, B, S)
         options = self._layer_options()
-        directions = 2 if self.bidirectional else 1  # type: ignore[attr-defined]
-        layer_input = input.transpose(0, 1) if self.batch_first else input  # type: ignore[attr-defined]
+        directions = 2 if self.bidirectional else 1
+        layer_input = input.transpose(0, 1) if self.batch_first else input  # (T, B, ·)
         finals = []
-        for layer in range(self.num_layers):  # type: ignore[attr-defined]
+        for layer in range(self.num_layers):
             outputs = []
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
                 weights = [getattr(self, f"{kind}{suffix}", None) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-                sequence = layer_input.flip(0) if direction else layer_input
+                sequence = layer_input.flip(0) if direction else layer_input  # the reverse direction
                 hidden, final = SolvedLayer.apply(
                     options, torch.is_grad_enabled(), sequence, initial[layer * directions + direction], *weights
                 )
                 outputs.append(hidden.flip(0) if direction else hidden)
                 finals.append(final)
             layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
-            if self.dropout and self.training and layer + 1 < self.num_layers:  # type: ignore[attr-defined]
-                layer_input = functional.dropout(layer_input, self.dropout, training=True)  # type: ignore[attr-defined]
-        output = layer_input.transpose(0, 1) if self.batch_first else layer_input  # type: ignore[attr-defined]
+            if self.dropout and self.training and layer + 1 < self.num_layers:
+                # as torch.nn: between layers, drawn from the global generator
+                layer_input = functional.dropout(layer_input, self.dropout, training=True)
+        output = layer_input.transpose(0, 1) if self.batch_first else layer_input
         final_states = torch.stack(finals)  # (L·D, B, S)
         if not batched:
-            output = output.squeeze(0 if self.batch_first else 1)  # type: ignore[attr-defined]
+            output = output.squeeze(batch_axis)
             final_states = final_states.squeeze(1)
-        h_n = final_states[..., : self.hidden_size]  # type: ignore[attr-defined]
+        h_n = final_states[..., : self.hidden_size].contiguous()
         if self._kind == "lstm":
-            return output, (h_n, final_states[..., self.hidden_size :])  # type: ignore[attr-defined]
+            return output, (h_n, final_states[..., self.hidden_size :].contiguous())
         return output, h_n
 
 
-def _from_torch(cls: type, module: nn.RNNBase, **options: Any) -> Any:
-    """``cls`` with ``module``'s configuration and a copy of its parameters."""
-    if getattr(module, "proj_size", 0):
-        raise InputError("LSTM with proj_size > 0 is not supported")
+def _configuration(module: nn.RNNBase) -> dict[str, Any]:
+    """The constructor arguments after ``input_size, hidden_size`` that rebuild ``module``."""
     configuration = dict(
         num_layers=module.num_layers,
         bias=module.bias,
@@ -224,16 +269,23 @@ def _from_torch(cls: type, module: nn.RNNBase, **options: Any) -> Any:
     )
     if isinstance(module, nn.RNN):
         configuration["nonlinearity"] = module.nonlinearity
-    solved = cls(module.input_size, module.hidden_size, **configuration, **options)
-    solved.load_state_dict(module.state_dict())
-    solved.train(module.training)
-    return solved
+    return configuration
+
+
+def _copy_parameters(source: nn.RNNBase, target: nn.RNNBase) -> None:
+    """Values, ``requires_grad`` flags and the training mode of ``source`` onto ``target``."""
+    target.load_state_dict(source.state_dict())
+    flags = {name: parameter.requires_grad for name, parameter in source.named_parameters()}
+    for name, parameter in target.named_parameters():
+        parameter.requires_grad_(flags[name])
+    target.train(source.training)
 
 
 class RNN(_Solved, nn.RNN):
     """``torch.nn.RNN`` (Elman, tanh or relu) solved as a fixed point; see the module docstring."""
 
     _kind = "elman"
+    _torch_type = nn.RNN
 
     def __init__(
         self,
@@ -258,18 +310,12 @@ class RNN(_Solved, nn.RNN):
         )
         self._configure(solver, max_steps, adjoint)
 
-    @classmethod
-    def from_torch(cls, module: nn.RNN, **options: Any) -> "RNN":
-        """From a ``torch.nn.RNN`` (parameters copied); ``options``: solver, max_steps, adjoint."""
-        if not isinstance(module, nn.RNN):
-            raise InputError(f"expected a torch.nn.RNN, got {type(module).__name__}")
-        return _from_torch(cls, module, **options)
-
 
 class GRU(_Solved, nn.GRU):
     """``torch.nn.GRU`` solved as a fixed point; see the module docstring."""
 
     _kind = "gru"
+    _torch_type = nn.GRU
 
     def __init__(
         self,
@@ -293,18 +339,12 @@ class GRU(_Solved, nn.GRU):
         )
         self._configure(solver, max_steps, adjoint)
 
-    @classmethod
-    def from_torch(cls, module: nn.GRU, **options: Any) -> "GRU":
-        """From a ``torch.nn.GRU`` (parameters copied); ``options``: solver, max_steps, adjoint."""
-        if not isinstance(module, nn.GRU):
-            raise InputError(f"expected a torch.nn.GRU, got {type(module).__name__}")
-        return _from_torch(cls, module, **options)
-
 
 class LSTM(_Solved, nn.LSTM):
     """``torch.nn.LSTM`` solved as a fixed point (``proj_size = 0`` only); see the module docstring."""
 
     _kind = "lstm"
+    _torch_type = nn.LSTM
 
     def __init__(
         self,
@@ -330,10 +370,3 @@ class LSTM(_Solved, nn.LSTM):
             device=device, dtype=dtype,
         )
         self._configure(solver, max_steps, adjoint)
-
-    @classmethod
-    def from_torch(cls, module: nn.LSTM, **options: Any) -> "LSTM":
-        """From a ``torch.nn.LSTM`` (parameters copied); ``options``: solver, max_steps, adjoint."""
-        if not isinstance(module, nn.LSTM):
-            raise InputError(f"expected a torch.nn.LSTM, got {type(module).__name__}")
-        return _from_torch(cls, module, **options)

@@ -437,6 +437,84 @@ def test_chunked_parameter_products_equal_one_batch(cell, monkeypatch):
         assert (a - b).abs().max().item() <= 1e-13
 
 
+# -- what a torch.nn user relies on --------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["elman", "gru", "lstm"])
+@pytest.mark.parametrize("solver", ["auto", "picard"])
+def test_output_may_be_modified_in_place_before_backward(kind, solver):
+    reference, solved = make_pair(kind, solver=solver)
+    inputs = randn(6, 2, 3, seed=1)
+    gradients = []
+    for module in (reference, solved):
+        x = inputs.clone().requires_grad_()
+        output, _ = module(x)
+        output.mul_(2.0).sum().backward()
+        gradients.append(x.grad)
+    assert (gradients[0] - gradients[1]).abs().max().item() <= 1e-12
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    _, solved = make_pair("gru")
+    x = randn(5, 2, 3, seed=1).requires_grad_()
+    output, _ = solved(x)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(output.square().sum(), x, create_graph=True)
+
+
+def test_autocast_does_not_change_the_solve():
+    reference, solved = make_pair("lstm", dtype=torch.float32)
+    x = randn(6, 2, 3, seed=1, dtype=torch.float32)
+    expected = reference(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = solved(x)[0]
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max().item() <= 1e-6
+
+
+def test_final_states_are_contiguous_and_lstm_takes_a_list():
+    reference, solved = make_pair("lstm", num_layers=2)
+    x = randn(5, 2, 3, seed=1)
+    hx = make_hx(reference, 2, 2)
+    _, (h_n, c_n) = solved(x, list(hx))
+    _, (h_ref, c_ref) = reference(x, list(hx))
+    assert h_n.is_contiguous() and c_n.is_contiguous()
+    assert (h_n.view(-1) - h_ref.view(-1)).abs().max().item() <= 1e-12
+    assert (c_n - c_ref).abs().max().item() <= 1e-12
+
+
+def test_conversions_keep_frozen_parameters_frozen():
+    reference = nn.GRU(3, 4)
+    reference.weight_ih_l0.requires_grad_(False)
+    solved = fnn.GRU.from_torch(reference)
+    assert not solved.weight_ih_l0.requires_grad and solved.weight_hh_l0.requires_grad
+    assert not solved.to_torch().weight_ih_l0.requires_grad
+    assert "max_steps=None" in repr(solved)
+
+
+@pytest.mark.parametrize("adjoint", ["scan", "quasi-newton", "sequential"])
+def test_adjoint_finds_tiny_components_that_expanding_weights_amplify(adjoint):
+    # W_hh = 3·swap: the gradient's 1e-13 component at the last step grows by 3 per step back and
+    # decides dL/dx_0.  A stopping test relative to the largest entry would stop at once with 0.
+    torch.manual_seed(0)
+    reference = nn.RNN(1, 2, dtype=torch.float64)
+    with torch.no_grad():
+        reference.weight_hh_l0.copy_(3 * torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+        reference.weight_ih_l0.copy_(torch.tensor([[1.0], [0.0]]))
+        reference.bias_ih_l0.zero_()
+        reference.bias_hh_l0.zero_()
+    solved = fnn.RNN.from_torch(reference, adjoint=adjoint)
+    inputs = torch.zeros(30, 1, 1, dtype=torch.float64)
+    inputs[-1] = 40.0  # unit 0 saturates at the last step
+    weights = torch.tensor([1.0, 1e-13], dtype=torch.float64)
+    gradients = []
+    for module in (reference, solved):
+        x = inputs.clone().requires_grad_()
+        output, _ = module(x)
+        (output[-1, 0] * weights).sum().backward()
+        gradients.append(x.grad[0].item())
+    assert abs(gradients[0]) > 1.0
+    assert abs(gradients[1] - gradients[0]) <= 1e-10 * abs(gradients[0])
+
+
 # -- CUDA (skipped without a device) ------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
