@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from fixedpoint.cells import Cell, ElmanCell, GRUCell
 from fixedpoint.errors import InputError
+from fixedpoint.solvers.base import check_integer
 
 Variant = Literal["elman", "gated"]
 Attention = Literal["softmax", "shift"]
@@ -38,9 +39,15 @@ Attention = Literal["softmax", "shift"]
 SHIFT_LOGIT_GAP = 20.0
 
 
-def _check_positive(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
+def check_model_sizes(input_size: int, hidden_size: int, num_layers: int, num_heads: int, max_len: int) -> None:
+    """Raise :class:`InputError` unless the sizes of a sequence model are usable."""
+    for name, value in (
+        ("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
+        ("num_heads", num_heads), ("max_len", max_len),
+    ):
+        check_integer(name, value)
+    if hidden_size % num_heads:
+        raise InputError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
 
 
 class StarSaberLayer(nn.Module):
@@ -74,10 +81,7 @@ class StarSaberLayer(nn.Module):
         max_len: int = 512,
     ) -> None:
         super().__init__()
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_heads", num_heads), ("max_len", max_len)):
-            _check_positive(name, value)
-        if hidden_size % num_heads:
-            raise InputError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        check_model_sizes(input_size, hidden_size, 1, num_heads, max_len)
         if variant not in ("elman", "gated"):
             raise InputError(f"variant must be 'elman' or 'gated', got {variant!r}")
         if attention not in ("softmax", "shift"):
@@ -200,7 +204,7 @@ class StarSaber(nn.Module):
         batch_first: bool = False,
     ) -> None:
         super().__init__()
-        _check_positive("num_layers", num_layers)
+        check_integer("num_layers", num_layers)
         self.batch_first = batch_first
         self.layers = nn.ModuleList(
             StarSaberLayer(

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fixedpoint import InputError, Network
+from fixedpoint.baselines import ReZero, Transformer
 from fixedpoint.starsaber import StarSaber
 from fixedpoint.system import SequenceSystem
 from tests.conftest import randn
@@ -94,3 +95,47 @@ def test_bad_options_are_refused():
         StarSaber(3, 4, max_len=4)(torch.zeros(5, 2, 3))
     with pytest.raises(InputError, match="Elman and GRU"):
         StarSaber.from_cell(Network.random("lstm", 3, 4).cells[0][0], 2)
+
+
+# -- the baselines ------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", [Transformer, ReZero])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_baselines_share_the_interface_and_respect_causality(model_type, batch_first):
+    torch.manual_seed(0)
+    model = model_type(3, 8, 2, num_heads=2, causal=True, max_len=16, batch_first=batch_first).double()
+    if model_type is ReZero:  # at α = 0 every block is the identity; move off it to test causality
+        for block in model.blocks:
+            torch.nn.init.constant_(block.alpha, 0.5)
+    inputs = randn(2, 6, 3, seed=1) if batch_first else randn(6, 2, 3, seed=1)
+    output, layers = model(inputs)
+    assert output.shape == inputs.shape[:2] + (8,) and len(layers) == 2
+    changed = inputs.clone()
+    later = (slice(None), slice(4, None)) if batch_first else (slice(4, None),)
+    changed[later] += 1.0
+    second, _ = model(changed)
+    earlier = (slice(None), slice(0, 4)) if batch_first else (slice(0, 4),)
+    assert (output[earlier] - second[earlier]).abs().max().item() <= 1e-12
+    assert (output[later] - second[later]).abs().max().item() > 1e-3
+
+
+def test_rezero_starts_as_the_identity_and_bidirectional_sees_the_future():
+    torch.manual_seed(0)
+    model = ReZero(3, 8, 3, num_heads=2, causal=False, max_len=16).double()
+    inputs = randn(5, 2, 3, seed=1)
+    output, _ = model(inputs)
+    embedded = model.embed(inputs.transpose(0, 1)) + model.position[:5]
+    assert torch.equal(output, embedded.transpose(0, 1))
+    transformer = Transformer(3, 8, 1, num_heads=2, causal=False, max_len=16).double()
+    changed = inputs.clone()
+    changed[-1] += 1.0
+    assert (transformer(inputs)[0][0] - transformer(changed)[0][0]).abs().max().item() > 1e-6
+
+
+@pytest.mark.parametrize("model_type", [StarSaber, Transformer, ReZero])
+def test_models_refuse_bad_sizes_alike(model_type):
+    with pytest.raises(InputError, match="divisible"):
+        model_type(3, 6, num_heads=4)
+    with pytest.raises(InputError, match="num_layers"):
+        model_type(3, 4, 0)
+    with pytest.raises(InputError, match="max_len"):
+        model_type(3, 4, max_len=4)(torch.zeros(5, 2, 3))
