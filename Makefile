@@ -15,6 +15,7 @@ figures: $(STAMP)
 	$(PY) analysis/convergence.py
 	$(PY) analysis/contraction.py
 	$(PY) analysis/newton_family.py
+	$(PY) analysis/approx_depth.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,7 +1,7 @@
 """``fixedpoint`` command line.  Parses, resolves options, formats; computes nothing itself.
 
-Exit status: 0 when the solve converged, 1 when it did not, 2 for bad usage or bad input
-(one line on stderr, no traceback).
+Exit status: 0 when the solve converged (``check`` and ``approx``: when they ran), 1 when it did
+not, 2 for bad usage or bad input (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, NoReturn, Sequence
 
 import torch
 
+from fixedpoint.approx import ApproxSettings, run_approx
 from fixedpoint.compare import Comparison, check_network, compare_with_torch
 from fixedpoint.contraction import NORMS
 from fixedpoint.data import gaussian_inputs
@@ -144,7 +145,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_problem_arguments(check)
     check.add_argument("--norm", choices=NORMS, default="2", help="2 or inf; LSTM: max(‖h‖, ‖c‖) (default 2)")
+    approx = commands.add_parser(
+        "approx",
+        allow_abbrev=False,
+        help="how closely StarSaber of each depth approximates a cell's exact fixed point",
+        description="Train StarSaber students of each depth to the exact solution of an Elman or GRU "
+        "teacher (from the bridge initialisation and from a random one) and report their held-out "
+        "error beside K Jacobi sweeps, K Anderson and K Newton steps and the Banach a-priori bound.",
+    )
+    teacher = approx.add_argument_group("teacher (random torch-default weights from --seed unless --weights)")
+    teacher.add_argument("--cell", choices=["elman", "gru"], help="teacher cell (required without --weights)")
+    teacher.add_argument("--nonlinearity", choices=["tanh", "relu"], help="Elman nonlinearity (default tanh)")
+    teacher.add_argument("--hidden", type=_positive_int, help="hidden size H (default 16)")
+    teacher.add_argument("--input-size", type=_positive_int, help="input size I (default: hidden)")
+    teacher.add_argument("--scale", type=_nonnegative_float, help="multiply W_hh by this (default 1; > 1: Jacobi is slow)")
+    teacher.add_argument("--weights", metavar="PATH", help="torch.save file of a 1-layer RNN/GRU module or state_dict")
+    teacher.add_argument("--seed", type=_seed, default=0, help="seed of the weights, inputs and students (default 0)")
+    study = approx.add_argument_group("measurement")
+    study.add_argument("--depths", type=_depths, default=(1, 2, 4, 8), help="comma-separated depths K (default 1,2,4,8)")
+    study.add_argument("--seq-len", type=_positive_int, default=64, help="sequence length T (default 64)")
+    study.add_argument("--train-samples", type=_positive_int, default=256, help="training sequences (default 256)")
+    study.add_argument("--test-samples", type=_positive_int, default=64, help="held-out sequences (default 64)")
+    study.add_argument("--steps", type=_positive_int, default=300, help="Adam steps per student (default 300)")
+    study.add_argument("--lr", type=_nonnegative_float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    study.add_argument("--heads", type=_positive_int, default=1, help="StarSaber attention heads (default 1)")
+    study.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     return parser
+
+
+def _depths(text: str) -> tuple[int, ...]:
+    try:
+        depths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,2,4,8, got {text!r}") from None
+    if not depths or min(depths) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,2,4,8, got {text!r}")
+    return depths
 
 
 # -- option resolution ---------------------------------------------------------------------------
@@ -463,6 +499,76 @@ def _run_check(args: argparse.Namespace) -> int:
     return 0
 
 
+class _TrainingProgress:
+    """Student and step on a terminal's stderr, erased when done."""
+
+    def __call__(self, label: str, step: int, total: int) -> None:
+        sys.stderr.write(f"\r{label}: step {step}/{total} \033[K")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+
+def _approx_teacher(args: argparse.Namespace) -> Network:
+    if args.weights is not None:
+        if args.scale is not None:
+            raise InputError("--scale applies to random weights; it cannot be combined with --weights")
+        network = load_network(args.weights, nonlinearity=args.nonlinearity)
+        source = f"the weights in {args.weights}"
+        _check_agrees("--cell", args.cell, network.kind, source)
+        _check_agrees("--hidden", args.hidden, network.hidden_size, source)
+        _check_agrees("--input-size", args.input_size, network.input_size, source)
+        if network.num_layers != 1 or network.bidirectional:
+            raise InputError(f"{args.weights} holds a {network.num_layers}-layer network of {network.num_directions} "
+                             "direction(s); the teacher must be one layer, one direction")
+        return network
+    if args.cell is None:
+        raise InputError("choose a teacher with --cell {elman,gru}, or give --weights")
+    if args.cell != "elman" and args.nonlinearity is not None:
+        raise InputError("--nonlinearity applies to --cell elman only")
+    hidden = args.hidden or 16
+    return Network.random(
+        args.cell, args.input_size or hidden, hidden, nonlinearity=args.nonlinearity or "tanh",
+        scale=1.0 if args.scale is None else args.scale, seed=args.seed,
+    )
+
+
+def _run_approx(args: argparse.Namespace) -> int:
+    network = _approx_teacher(args)
+    if network.kind == "lstm":
+        raise InputError("StarSaber has Elman and GRU variants; an LSTM teacher is not supported")
+    settings = ApproxSettings(
+        depths=args.depths, seq_len=args.seq_len, train_samples=args.train_samples, test_samples=args.test_samples,
+        steps=args.steps, learning_rate=args.lr, num_heads=args.heads, seed=args.seed,
+    )
+    progress = _TrainingProgress() if sys.stderr.isatty() and not args.json else None
+    try:
+        result = run_approx(network.cells[0][0], settings, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if args.json:
+        print(json.dumps(_json_safe(result), allow_nan=False))
+        return 0
+    teacher = result["teacher"]
+    lipschitz = "none < 1" if teacher["lipschitz_certified"] is None else f"{teacher['lipschitz_certified']:.4g}"
+    print(f"teacher {teacher['cell']}, H={teacher['hidden_size']}, I={teacher['input_size']}, T={args.seq_len}; "
+          f"certified L {lipschitz}, estimated {teacher['lipschitz_estimated']:.3g}; relative error, held out:")
+    columns = [("K", "depth", "{}"), ("StarSaber", "starsaber_rel_error", "{:.2e}"),
+               ("random init", "starsaber_random_init_rel_error", "{:.2e}"), ("Jacobi", "jacobi_rel_error", "{:.2e}"),
+               ("Anderson", "anderson_rel_error", "{:.2e}"), ("Newton", "newton_rel_error", "{:.2e}"),
+               ("Banach bound", "banach_bound", "{:.2e}"), ("params", "starsaber_parameters", "{}"),
+               ("FLOPs/token", "starsaber_flops_per_token", "{}")]
+    table = [[title for title, _, _ in columns]]
+    for row in result["results"]:
+        table.append(["n/a" if row[key] is None else form.format(row[key]) for _, key, form in columns])
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    print("\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fixedpoint`` command; returns the exit status."""
     keep_freed_memory()
@@ -472,6 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_solve(args)
         if args.command == "check":
             return _run_check(args)
+        if args.command == "approx":
+            return _run_approx(args)
         raise UsageError(f"unknown command {args.command!r}")
     except (UsageError, InputError) as error:
         print(f"fixedpoint: error: {error}", file=sys.stderr)

@@ -37,7 +37,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-__all__ = ["config_caption", "plot_residuals", "plot_wavefront"]
+__all__ = ["config_caption", "plot_approx_depth", "plot_residuals", "plot_wavefront"]
 
 #: One colour per solver, shared by every figure.
 SOLVER_COLOURS: dict[str, str] = {
@@ -436,3 +436,51 @@ def plot_solve_time(data: Mapping[str, Any], path: str | os.PathLike) -> Figure:
 
 
 __all__ += ["plot_solver_convergence", "plot_solve_time"]
+
+
+def plot_approx_depth(data: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """Held-out relative error against depth ``K``: StarSaber (bridge and random initialisation)
+    beside ``K`` Jacobi sweeps, ``K`` Anderson and ``K`` Newton steps and Banach's bound.
+
+    ``data["panels"]``: each with ``title`` and ``result``, an object written by
+    :func:`fixedpoint.approx.run_approx` (``teacher`` and ``results``, one per depth).
+    """
+    series = [
+        ("starsaber_rel_error", "StarSaber (bridge init)", "tab:purple", "o", "-"),
+        ("starsaber_random_init_rel_error", "StarSaber (random init)", "tab:pink", "o", ":"),
+        ("jacobi_rel_error", "K Jacobi sweeps", SOLVER_COLOURS["picard"], "s", "-"),
+        ("anderson_rel_error", "K Anderson steps", SOLVER_COLOURS["anderson"], "s", "-"),
+        ("newton_rel_error", "K Newton steps", SOLVER_COLOURS["newton"], "s", "-"),
+        ("banach_bound", "Banach a-priori bound (Jacobi)", "black", None, "--"),
+    ]
+    panels = data["panels"]
+    figure = Figure(figsize=(5.2 * len(panels), 4.4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    floor = 1e-16
+    for axis, panel in zip(axes, panels):
+        rows = panel["result"]["results"]
+        depths = np.array([row["depth"] for row in rows])
+        for key, label, colour, marker, style in series:
+            values = [row[key] for row in rows]
+            if all(value is None for value in values):
+                continue
+            shown = np.array([np.nan if v is None else max(v, floor) for v in values], dtype=float)
+            axis.plot(depths, shown, color=colour, marker=marker, ls=style, lw=1.5, label=label)
+        teacher = panel["result"]["teacher"]
+        lipschitz = teacher["lipschitz_certified"]
+        certified = "no certified L < 1" if lipschitz is None else f"certified L = {lipschitz:.3g}"
+        axis.set_title(f"{panel['title']} ({certified})", fontsize=10)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("depth K (layers or steps)")
+        axis.legend(fontsize=7)
+    axes[0].set_ylabel("max_t,b ‖error‖₂ / max_t,b ‖S*‖₂ (held out)")
+    settings = panels[0]["result"]["settings"]
+    figure.suptitle(
+        f"How closely depth-K models reach the exact fixed point: T = {settings['seq_len']}, "
+        f"{settings['train_samples']} training / {settings['test_samples']} held-out sequences, "
+        f"{settings['steps']} Adam steps per student, float64",
+        fontsize=10,
+    )
+    _save(figure, path)
+    return figure

@@ -1,0 +1,91 @@
+"""fixedpoint.approx and `fixedpoint approx`: invariants of the depth study, the CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fixedpoint import InputError, Network
+from fixedpoint.approx import ApproxSettings, relative_error, run_approx, teacher_step_flops
+from fixedpoint.cli import main
+from fixedpoint.system import SequenceSystem
+
+TINY = ApproxSettings(depths=(1, 2, 6), seq_len=6, train_samples=8, test_samples=4, steps=2)
+KEYS = {"depth", "starsaber_rel_error", "starsaber_random_init_rel_error", "jacobi_rel_error", "anderson_rel_error",
+        "newton_rel_error", "banach_bound"}
+
+
+@pytest.mark.parametrize("kind", ["elman", "gru"])
+def test_depth_study_invariants(kind):
+    cell = Network.random(kind, 3, 4, seed=1, scale=0.5).cells[0][0]
+    result = run_approx(cell, TINY)
+    rows = result["results"]
+    assert [row["depth"] for row in rows] == [1, 2, 6] and KEYS <= set(rows[0])
+    # T = 6 sweeps are exact (finite termination); so are 6 Anderson or Newton steps
+    assert rows[-1]["jacobi_rel_error"] <= 1e-12
+    assert rows[-1]["newton_rel_error"] <= 1e-12 and rows[-1]["anderson_rel_error"] <= 1e-12
+    lipschitz = result["teacher"]["lipschitz_certified"]
+    if kind == "elman":  # ‖0.5·W_hh‖ < 1: certified, and the bound must hold at every depth
+        assert lipschitz is not None and lipschitz < 1
+    for row in rows:
+        if row["banach_bound"] is not None:
+            assert row["jacobi_rel_error"] <= row["banach_bound"] * (1 + 1e-12)
+        assert row["jacobi_flops_per_token"] == row["depth"] * teacher_step_flops(cell)
+        assert row["starsaber_parameters"] > 0 and row["starsaber_flops_per_token"] > 0
+
+
+def test_bridge_student_starts_at_the_jacobi_sweeps():
+    # one Adam step with a vanishing learning rate leaves the bridge initialisation in place: its
+    # error is that of K Jacobi sweeps, up to the e^−20 the softmax keeps off the shift
+    cell = Network.random("gru", 3, 4, seed=2).cells[0][0]
+    settings = ApproxSettings(depths=(1, 3), seq_len=10, train_samples=4, test_samples=4, steps=1, learning_rate=1e-300)
+    for row in run_approx(cell, settings)["results"]:
+        assert abs(row["starsaber_rel_error"] - row["jacobi_rel_error"]) <= 1e-6
+
+
+def test_relative_error_is_the_max_norm_ratio():
+    exact = torch.zeros(3, 2, 2, dtype=torch.float64)
+    exact[1, 0] = torch.tensor([3.0, 4.0])  # largest state norm 5
+    approximation = exact.clone()
+    approximation[2, 1, 0] = 1.0
+    assert relative_error(approximation, exact) == pytest.approx(0.2)
+
+
+def test_bad_settings_and_teachers_are_refused():
+    with pytest.raises(InputError, match="depths"):
+        ApproxSettings(depths=())
+    with pytest.raises(InputError, match="depth"):
+        ApproxSettings(depths=(0, 1))
+    with pytest.raises(InputError, match="learning_rate"):
+        ApproxSettings(learning_rate=0.0)
+    with pytest.raises(InputError, match="Elman or GRU"):
+        run_approx(Network.random("lstm", 3, 4).cells[0][0], TINY)
+
+
+def test_cli_json_has_one_entry_per_depth(capsys):
+    code = main(["approx", "--cell", "gru", "--hidden", "4", "--depths", "1,2", "--seq-len", "5", "--train-samples", "4",
+                 "--test-samples", "3", "--steps", "2", "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [row["depth"] for row in data["results"]] == [1, 2]
+    assert KEYS <= set(data["results"][0])
+    assert data["teacher"]["cell"] == "gru"
+
+
+def test_cli_table_and_errors(capsys, tmp_path):
+    code = main(["approx", "--cell", "elman", "--hidden", "4", "--depths", "1", "--seq-len", "4", "--train-samples", "4",
+                 "--test-samples", "2", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "StarSaber" in out and "Banach bound" in out
+    assert main(["approx", "--cell", "lstm"]) == 2
+    assert main(["approx", "--cell", "gru", "--depths", "0,1"]) == 2
+    assert main(["approx"]) == 2
+    assert "choose a teacher" in capsys.readouterr().err
+    torch.save(torch.nn.GRU(3, 4, num_layers=2).state_dict(), tmp_path / "two.pt")
+    assert main(["approx", "--weights", str(tmp_path / "two.pt"), "--depths", "1"]) == 2
+    assert "one layer, one direction" in capsys.readouterr().err
+    torch.save(torch.nn.LSTM(3, 4).state_dict(), tmp_path / "lstm.pt")
+    assert main(["approx", "--weights", str(tmp_path / "lstm.pt"), "--depths", "1"]) == 2
+    assert "LSTM teacher" in capsys.readouterr().err
