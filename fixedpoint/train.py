@@ -1,0 +1,204 @@
+"""Hand-off to an ordinary trainer: sequence classification with StarSaber, a Transformer or ReZero.
+
+:class:`SequenceClassifier` puts a readout on any of the three models (mean of the last layer's
+states over positions, then a linear layer: the same for causal and bidirectional models);
+:func:`fit` is a plain PyTorch loop (AdamW, cross-entropy, mini-batches); :func:`lightning_module`
+wraps the same classifier for PyTorch Lightning, imported only when called (the ``train`` extra).
+:func:`synthetic_task` makes tasks that need no download.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fixedpoint.baselines import ReZero, Transformer
+from fixedpoint.errors import InputError
+from fixedpoint.solvers.base import check_integer, check_number
+from fixedpoint.starsaber import StarSaber
+
+ModelName = Literal["starsaber", "transformer", "rezero"]
+MODELS: dict[str, type[nn.Module]] = {"starsaber": StarSaber, "transformer": Transformer, "rezero": ReZero}
+#: Synthetic classification tasks: inputs ``(N, T, 1)`` of ±1 (``first``, ``majority``) or 0/1 (``parity``).
+TASKS = ("first", "majority", "parity")
+#: ``progress(epoch, epochs, step, steps)``.
+Progress = Callable[[int, int, int, int], None]
+
+
+def synthetic_task(name: str, samples: int, seq_len: int, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``(inputs (N, T, 1) float32, labels (N,) long)`` for one of :data:`TASKS`.
+
+    ``first``: the label is the sign of the first token (memory across the sequence);
+    ``majority``: the sign of the sum (``T`` odd avoids ties, an even ``T`` is refused);
+    ``parity``: the number of ones modulo 2 (hard for attention without recurrence).
+    """
+    if name not in TASKS:
+        raise InputError(f"task must be one of {', '.join(TASKS)}, got {name!r}")
+    check_integer("samples", samples)
+    check_integer("seq_len", seq_len)
+    if name == "majority" and seq_len % 2 == 0:
+        raise InputError(f"the majority task needs an odd seq_len (no ties), got {seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    bits = torch.randint(0, 2, (samples, seq_len), generator=generator)
+    if name == "parity":
+        return bits.unsqueeze(-1).float(), bits.sum(1) % 2
+    signs = 2 * bits - 1
+    labels = (signs[:, 0] > 0) if name == "first" else (signs.sum(1) > 0)
+    return signs.unsqueeze(-1).float(), labels.long()
+
+
+class SequenceClassifier(nn.Module):
+    """A sequence model (batch-first) and a readout: ``(B, T, I) → logits (B, classes)``."""
+
+    def __init__(self, model: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        check_integer("num_classes", num_classes, 2)
+        if not getattr(model, "batch_first", False):
+            raise InputError("the sequence model must be built with batch_first=True")
+        self.model = model
+        self.readout = nn.Linear(model.hidden_size, num_classes)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        output, _ = self.model(inputs)
+        return self.readout(output.mean(dim=1))
+
+
+def build_classifier(
+    name: str,
+    input_size: int,
+    num_classes: int,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    causal: bool = False,
+    max_len: int = 512,
+    seed: int = 0,
+) -> SequenceClassifier:
+    """One of :data:`MODELS` with matched width, depth and heads, and the readout."""
+    if name not in MODELS:
+        raise InputError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
+    torch.manual_seed(seed)
+    model = MODELS[name](
+        input_size, hidden_size, num_layers, num_heads=num_heads, causal=causal, max_len=max_len, batch_first=True
+    )
+    return SequenceClassifier(model, num_classes)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``epochs`` passes of mini-batches of ``batch_size`` (shuffled from ``seed``), AdamW."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_integer("epochs", self.epochs)
+        check_integer("batch_size", self.batch_size)
+        check_number("learning_rate", self.learning_rate, 0, low_open=True)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_integer("seed", self.seed, 0)
+
+
+@dataclass
+class TrainResult:
+    """Accuracies on the held-out and training data, the loss per epoch, size and time."""
+
+    accuracy: float
+    train_accuracy: float
+    parameters: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+@torch.no_grad()
+def accuracy(classifier: nn.Module, inputs: Tensor, labels: Tensor, batch_size: int = 512) -> float:
+    """Fraction of ``labels`` predicted correctly."""
+    classifier.eval()
+    correct = sum(
+        int((classifier(inputs[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size]).sum())
+        for i in range(0, len(labels), batch_size)
+    )
+    return correct / len(labels)
+
+
+def fit(
+    classifier: nn.Module,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    config: TrainConfig = TrainConfig(),
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train with AdamW on cross-entropy; returns held-out and training accuracy."""
+    inputs, labels = train
+    if inputs.shape[0] != labels.shape[0] or test[0].shape[0] != test[1].shape[0]:
+        raise InputError("inputs and labels must have the same number of samples")
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    steps = -(-len(labels) // config.batch_size)
+    losses = []
+    started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        classifier.train()
+        order = torch.randperm(len(labels), generator=generator)
+        total = 0.0
+        for step in range(steps):
+            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(classifier(inputs[batch]), labels[batch])
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch)
+            if progress is not None:
+                progress(epoch, config.epochs, step + 1, steps)
+        losses.append(total / len(labels))
+    seconds = time.perf_counter() - started
+    return TrainResult(
+        accuracy=accuracy(classifier, *test),
+        train_accuracy=accuracy(classifier, *train),
+        parameters=sum(p.numel() for p in classifier.parameters()),
+        seconds=seconds,
+        losses=losses,
+    )
+
+
+def lightning_module(classifier: nn.Module, learning_rate: float = 1e-3) -> Any:
+    """``classifier`` as a ``lightning.LightningModule`` (cross-entropy, AdamW, ``val_accuracy``).
+
+    Needs the ``train`` extra (``pip install 'fixedpoint[train]'``); nothing imports Lightning
+    before this is called.
+    """
+    try:
+        import lightning
+    except ImportError as error:
+        raise InputError("the Lightning adapter needs the 'train' extra: pip install 'fixedpoint[train]'") from error
+
+    class Classifier(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = classifier
+
+        def forward(self, inputs: Tensor) -> Tensor:
+            return self.classifier(inputs)
+
+        def training_step(self, batch: tuple[Tensor, Tensor], _: int) -> Tensor:
+            inputs, labels = batch
+            loss = nn.functional.cross_entropy(self.classifier(inputs), labels)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: tuple[Tensor, Tensor], _: int) -> None:
+            inputs, labels = batch
+            self.log("val_accuracy", (self.classifier(inputs).argmax(-1) == labels).float().mean())
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.classifier.parameters(), lr=learning_rate)
+
+    return Classifier()
