@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[cpu,plot,test]'
+	$(PY) -m pip install --quiet -e '.[cpu,plot,test,train]'
 	touch $(STAMP)
 
 figures: $(STAMP)

@@ -50,21 +50,23 @@ def test_bad_configurations_are_refused():
 
 
 def test_lightning_adapter_trains_or_names_the_extra(monkeypatch):
-    classifier = build_classifier("starsaber", 1, 2, hidden_size=8, num_layers=1, num_heads=1, max_len=16)
+    classifier = build_classifier("starsaber", 1, 2, hidden_size=16, num_layers=2, num_heads=2, max_len=16)
     try:
         import lightning
     except ImportError:
         with pytest.raises(InputError, match=r"fixedpoint\[train\]"):
             lightning_module(classifier)
         return
-    train = torch.utils.data.TensorDataset(*synthetic_task("majority", 256, 9, seed=1))
+    train = torch.utils.data.TensorDataset(*synthetic_task("majority", 512, 9, seed=1))
     test = torch.utils.data.TensorDataset(*synthetic_task("majority", 128, 9, seed=2))
     module = lightning_module(classifier, learning_rate=3e-3)
-    trainer = lightning.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+    torch.manual_seed(0)
+    trainer = lightning.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader(train, batch_size=64, shuffle=True),
                 torch.utils.data.DataLoader(test, batch_size=128))
     assert float(trainer.callback_metrics["val_accuracy"]) >= 0.9
+    assert accuracy(classifier, *synthetic_task("majority", 128, 9, seed=2)) >= 0.9  # the wrapped model trained
 
 
 def test_lightning_missing_is_one_clear_error(monkeypatch):
