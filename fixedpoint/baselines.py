@@ -18,14 +18,25 @@ import torch
 from torch import Tensor, nn
 
 from fixedpoint.errors import InputError
-from fixedpoint.starsaber import check_model_sizes
+from fixedpoint.starsaber import check_model_sizes, check_sequence_inputs
 
 
 class _Encoder(nn.Module):
-    """Input embedding, the layer stack and the shared forward; subclasses build ``self.blocks``."""
+    """Input embedding, the layer stack and the shared forward; subclasses name their block."""
+
+    _block: type[nn.Module]
 
     def __init__(
-        self, input_size: int, hidden_size: int, num_layers: int, num_heads: int, causal: bool, max_len: int, batch_first: bool
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        *,
+        num_heads: int = 1,
+        causal: bool = True,
+        max_len: int = 512,
+        dropout: float = 0.0,
+        batch_first: bool = False,
     ) -> None:
         super().__init__()
         check_model_sizes(input_size, hidden_size, num_layers, num_heads, max_len)
@@ -34,13 +45,10 @@ class _Encoder(nn.Module):
         self.embed = nn.Linear(input_size, hidden_size)
         self.position = nn.Parameter(torch.zeros(max_len, hidden_size))
         nn.init.normal_(self.position, std=0.02)
-        self.blocks: nn.ModuleList
+        self.blocks = nn.ModuleList(self._block(hidden_size, num_heads, dropout) for _ in range(num_layers))
 
     def forward(self, inputs: Tensor) -> tuple[Tensor, list[Tensor]]:
-        if not isinstance(inputs, Tensor) or inputs.dim() != 3:
-            raise InputError(f"inputs must be a 3-D tensor (T, B, I) or (B, T, I), got {getattr(inputs, 'shape', inputs)}")
-        if inputs.shape[-1] != self.input_size:
-            raise InputError(f"inputs have {inputs.shape[-1]} features; this model takes input_size={self.input_size}")
+        check_sequence_inputs(inputs, self.input_size)
         states = inputs if self.batch_first else inputs.transpose(0, 1)  # (B, T, I)
         steps = states.shape[1]
         if steps > self.max_len:
@@ -68,20 +76,7 @@ class _TransformerBlock(nn.Module):
 class Transformer(_Encoder):
     """Pre-LayerNorm Transformer encoder with a ``4H`` feed-forward block; see the module docstring."""
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        *,
-        num_heads: int = 1,
-        causal: bool = True,
-        max_len: int = 512,
-        dropout: float = 0.0,
-        batch_first: bool = False,
-    ) -> None:
-        super().__init__(input_size, hidden_size, num_layers, num_heads, causal, max_len, batch_first)
-        self.blocks = nn.ModuleList(_TransformerBlock(hidden_size, num_heads, dropout) for _ in range(num_layers))
+    _block = _TransformerBlock
 
 
 class _ReZeroBlock(nn.Module):
@@ -102,17 +97,4 @@ class _ReZeroBlock(nn.Module):
 class ReZero(_Encoder):
     """Transformer sublayers without LayerNorm, residuals scaled by a zero-initialised ``α``."""
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        *,
-        num_heads: int = 1,
-        causal: bool = True,
-        max_len: int = 512,
-        dropout: float = 0.0,
-        batch_first: bool = False,
-    ) -> None:
-        super().__init__(input_size, hidden_size, num_layers, num_heads, causal, max_len, batch_first)
-        self.blocks = nn.ModuleList(_ReZeroBlock(hidden_size, num_heads, dropout) for _ in range(num_layers))
+    _block = _ReZeroBlock

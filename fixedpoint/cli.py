@@ -438,19 +438,26 @@ def _format_contraction(report: dict[str, Any]) -> str:
     return f"{', '.join(parts)} ({report['norm']}-norm)"
 
 
-class _Progress:
-    """Iteration counter on a terminal's stderr, erased when done."""
+class _StatusLine:
+    """One line of progress on a terminal's stderr, rewritten in place and erased when done."""
 
-    def __init__(self, total_steps: int) -> None:
-        self.total_steps = total_steps
-
-    def __call__(self, layer: int, direction: int, iteration: int, iterate: Any, image: Any) -> None:
-        sys.stderr.write(f"\rlayer {layer} direction {direction}: iteration {iteration}/{self.total_steps} ")
+    def show(self, text: str) -> None:
+        sys.stderr.write(f"\r{text} \033[K")
         sys.stderr.flush()
 
     def close(self) -> None:
         sys.stderr.write("\r\033[K")
         sys.stderr.flush()
+
+
+class _Progress(_StatusLine):
+    """A solve's iteration counter (``solve_network``'s callback)."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+
+    def __call__(self, layer: int, direction: int, iteration: int, iterate: Any, image: Any) -> None:
+        self.show(f"layer {layer} direction {direction}: iteration {iteration}/{self.total_steps}")
 
 
 def _run_solve(args: argparse.Namespace) -> int:
@@ -522,16 +529,11 @@ def _run_check(args: argparse.Namespace) -> int:
     return 0
 
 
-class _TrainingProgress:
-    """Student and step on a terminal's stderr, erased when done."""
+class _TrainingProgress(_StatusLine):
+    """A student's training step (``run_approx``'s progress)."""
 
     def __call__(self, label: str, step: int, total: int) -> None:
-        sys.stderr.write(f"\r{label}: step {step}/{total} \033[K")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        sys.stderr.write("\r\033[K")
-        sys.stderr.flush()
+        self.show(f"{label}: step {step}/{total}")
 
 
 def _approx_teacher(args: argparse.Namespace) -> Network:
@@ -592,16 +594,11 @@ def _run_approx(args: argparse.Namespace) -> int:
     return 0
 
 
-class _EpochProgress:
-    """Epoch and step on a terminal's stderr, erased when done."""
+class _EpochProgress(_StatusLine):
+    """Epoch and step of ``fit``."""
 
     def __call__(self, epoch: int, epochs: int, step: int, steps: int) -> None:
-        sys.stderr.write(f"\repoch {epoch}/{epochs}: step {step}/{steps} \033[K")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        sys.stderr.write("\r\033[K")
-        sys.stderr.flush()
+        self.show(f"epoch {epoch}/{epochs}: step {step}/{steps}")
 
 
 def _run_train(args: argparse.Namespace) -> int:

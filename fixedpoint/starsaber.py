@@ -50,6 +50,14 @@ def check_model_sizes(input_size: int, hidden_size: int, num_layers: int, num_he
         raise InputError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
 
 
+def check_sequence_inputs(inputs: object, input_size: int) -> None:
+    """Raise :class:`InputError` unless ``inputs`` is a 3-D tensor with ``input_size`` features."""
+    if not isinstance(inputs, Tensor) or inputs.dim() != 3:
+        raise InputError(f"inputs must be a 3-D tensor (T, B, I) or (B, T, I), got {getattr(inputs, 'shape', inputs)}")
+    if inputs.shape[-1] != input_size:
+        raise InputError(f"inputs have {inputs.shape[-1]} features; this model takes input_size={input_size}")
+
+
 class StarSaberLayer(nn.Module):
     """One layer: attention over the previous layer's states (and ``h_0``), the direct input path,
     and the Elman or GRU nonlinearity.
@@ -224,10 +232,7 @@ class StarSaber(nn.Module):
         return self.layers[0].input_size
 
     def forward(self, inputs: Tensor, h0: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
-        if not isinstance(inputs, Tensor) or inputs.dim() != 3:
-            raise InputError(f"inputs must be a 3-D tensor (T, B, I) or (B, T, I), got {getattr(inputs, 'shape', inputs)}")
-        if inputs.shape[-1] != self.input_size:
-            raise InputError(f"inputs have {inputs.shape[-1]} features; this model takes input_size={self.input_size}")
+        check_sequence_inputs(inputs, self.input_size)
         batch_major = inputs if self.batch_first else inputs.transpose(0, 1)  # (B, T, I)
         batch, steps, _ = batch_major.shape
         if h0 is None:
