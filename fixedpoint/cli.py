@@ -237,29 +237,38 @@ def _check_agrees(flag: str, given: Any, actual: Any, source: str) -> None:
         raise InputError(f"{flag} {given} conflicts with {source} ({actual}); drop the flag or change it")
 
 
+def _weights_network(args: argparse.Namespace, dtype: torch.dtype | None = None) -> tuple[Network, str]:
+    """The network of ``--weights`` checked against the size flags given beside it, and its source."""
+    if args.scale is not None:
+        raise InputError("--scale applies to random weights; it cannot be combined with --weights")
+    network = load_network(args.weights, nonlinearity=args.nonlinearity, dtype=dtype)
+    source = f"the weights in {args.weights}"
+    _check_agrees("--cell", args.cell, network.kind, source)
+    _check_agrees("--hidden", args.hidden, network.hidden_size, source)
+    _check_agrees("--input-size", args.input_size, network.input_size, source)
+    return network, source
+
+
+def _check_random_cell(args: argparse.Namespace, choose: str) -> None:
+    """``--cell`` is needed without ``--weights``; ``--nonlinearity`` only with Elman."""
+    if args.cell is None:
+        raise InputError(choose)
+    if args.cell != "elman" and args.nonlinearity is not None:
+        raise InputError("--nonlinearity applies to --cell elman only")
+
+
 def _resolve(args: argparse.Namespace) -> tuple[Network, torch.Tensor, str]:
     """The network and inputs (T, B, I) the options describe, and where the dtype came from."""
     device = _device(args.device)
     inputs = _load_inputs(args.inputs) if args.inputs else None
     if args.weights:
-        if args.scale is not None:
-            raise InputError("--scale applies to random weights; it cannot be combined with --weights")
-        network = load_network(
-            args.weights, nonlinearity=args.nonlinearity, dtype=DTYPES[args.dtype] if args.dtype else None
-        )
+        network, source = _weights_network(args, DTYPES[args.dtype] if args.dtype else None)
         network = Network(network.cells, batch_first=False)  # inputs here are (T, B, I)
-        source = f"the weights in {args.weights}"
-        _check_agrees("--cell", args.cell, network.kind, source)
-        _check_agrees("--hidden", args.hidden, network.hidden_size, source)
-        _check_agrees("--input-size", args.input_size, network.input_size, source)
         _check_agrees("--layers", args.layers, network.num_layers, source)
         if args.bidirectional and not network.bidirectional:
             raise InputError(f"--bidirectional conflicts with {source}, which run in one direction")
     else:
-        if args.cell is None:
-            raise InputError("choose a cell with --cell {elman,gru,lstm}, or give --weights")
-        if args.cell != "elman" and args.nonlinearity is not None:
-            raise InputError("--nonlinearity applies to --cell elman only")
+        _check_random_cell(args, "choose a cell with --cell {elman,gru,lstm}, or give --weights")
         hidden = args.hidden or 64
         input_size = args.input_size or (inputs.shape[-1] if inputs is not None else hidden)
         network = Network.random(
@@ -538,21 +547,12 @@ class _TrainingProgress(_StatusLine):
 
 def _approx_teacher(args: argparse.Namespace) -> Network:
     if args.weights is not None:
-        if args.scale is not None:
-            raise InputError("--scale applies to random weights; it cannot be combined with --weights")
-        network = load_network(args.weights, nonlinearity=args.nonlinearity)
-        source = f"the weights in {args.weights}"
-        _check_agrees("--cell", args.cell, network.kind, source)
-        _check_agrees("--hidden", args.hidden, network.hidden_size, source)
-        _check_agrees("--input-size", args.input_size, network.input_size, source)
+        network, _ = _weights_network(args)
         if network.num_layers != 1 or network.bidirectional:
             raise InputError(f"{args.weights} holds a {network.num_layers}-layer network of {network.num_directions} "
                              "direction(s); the teacher must be one layer, one direction")
         return network
-    if args.cell is None:
-        raise InputError("choose a teacher with --cell {elman,gru}, or give --weights")
-    if args.cell != "elman" and args.nonlinearity is not None:
-        raise InputError("--nonlinearity applies to --cell elman only")
+    _check_random_cell(args, "choose a teacher with --cell {elman,gru}, or give --weights")
     hidden = args.hidden or 16
     return Network.random(
         args.cell, args.input_size or hidden, hidden, nonlinearity=args.nonlinearity or "tanh",
