@@ -27,7 +27,7 @@ from fixedpoint.errors import InputError
 from fixedpoint.solve import solve
 from fixedpoint.solvers import Anderson, Newton
 from fixedpoint.solvers.base import check_integer, check_number
-from fixedpoint.starsaber import StarSaber
+from fixedpoint.starsaber import StarSaber, check_sequence_inputs
 from fixedpoint.system import SequenceSystem
 
 #: ``progress(label, step, total)``: called while a student trains.
@@ -127,6 +127,61 @@ def _sweeps(system: SequenceSystem, count: int) -> list[Tensor]:
     return out
 
 
+def check_student(cell: Cell, student: StarSaber) -> None:
+    """Raise :class:`InputError` unless ``student`` can be trained to ``cell``'s states: a
+    time-major StarSaber with the teacher's input and hidden sizes."""
+    if not isinstance(student, StarSaber):
+        raise InputError(f"the student must be a fixedpoint.starsaber.StarSaber, got {type(student).__name__}")
+    if student.batch_first:
+        raise InputError("the student must be time-major (batch_first=False), as the teacher's states (T, B, H) are")
+    for name in ("input_size", "hidden_size"):
+        if getattr(student, name) != getattr(cell, name):
+            raise InputError(
+                f"teacher and student sizes differ: the {cell.kind} teacher has {name}={getattr(cell, name)}, "
+                f"the student {getattr(student, name)}; build the student with StarSaber.from_cell(cell, depth) "
+                f"or with the teacher's sizes"
+            )
+
+
+def check_student_data(model: StarSaber, inputs: Tensor, target: Tensor, initial_state: Tensor) -> None:
+    """Raise :class:`InputError` unless ``inputs (T, B, I)``, ``target (T, B, H)`` and
+    ``initial_state (B, H)`` fit ``model`` and each other."""
+    check_sequence_inputs(inputs, model.input_size)
+    steps, batch, _ = inputs.shape
+    if tuple(target.shape) != (steps, batch, model.hidden_size):
+        raise InputError(
+            f"target must have shape (T, B, H) = ({steps}, {batch}, {model.hidden_size}) to match the inputs and the "
+            f"student, got {tuple(target.shape)}"
+        )
+    if tuple(initial_state.shape) != (batch, model.hidden_size):
+        raise InputError(f"initial_state must have shape (B, H) = ({batch}, {model.hidden_size}), got {tuple(initial_state.shape)}")
+
+
+def distill(
+    cell: Cell,
+    student: StarSaber,
+    inputs: Tensor,
+    settings: ApproxSettings = ApproxSettings(),
+    initial_state: Tensor | None = None,
+    progress: Progress | None = None,
+) -> float:
+    """Train a user's ``student`` (same sizes as ``cell``) to the teacher's exact states on
+    ``inputs (T, B, I)`` from ``initial_state (B, H)`` (zeros when ``None``), with
+    ``settings.steps`` and ``settings.learning_rate``; returns the student's relative error on
+    those inputs (module docstring's measure)."""
+    check_student(cell, student)
+    check_sequence_inputs(inputs, cell.input_size)
+    inputs = inputs.to(dtype=cell.dtype, device=cell.device)
+    if initial_state is None:
+        initial_state = inputs.new_zeros(inputs.shape[1], cell.hidden_size)
+    exact = SequenceSystem.build(cell, inputs, initial_state).sequential()
+    student.to(dtype=cell.dtype, device=cell.device)
+    train_student(student, inputs, exact, initial_state, settings, progress, "student")
+    with torch.no_grad():
+        output, _ = student(inputs, initial_state)
+    return relative_error(output, exact)
+
+
 def train_student(
     model: StarSaber,
     inputs: Tensor,
@@ -142,6 +197,7 @@ def train_student(
     included: Adam's first steps have the size of the learning rate whatever the gradient, and
     can leave a good initialisation (the bridge) worse than they found it.
     """
+    check_student_data(model, inputs, target, initial_state)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     started = time.perf_counter()
     best_loss, best_state = float("inf"), None

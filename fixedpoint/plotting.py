@@ -37,7 +37,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
-__all__ = ["config_caption", "plot_approx_depth", "plot_residuals", "plot_wavefront"]
+__all__ = ["config_caption", "plot_approx_depth", "plot_paper_table", "plot_residuals", "plot_wavefront"]
 
 #: One colour per solver, shared by every figure.
 SOLVER_COLOURS: dict[str, str] = {
@@ -482,5 +482,42 @@ def plot_approx_depth(data: Mapping[str, Any], path: str | os.PathLike) -> Figur
         f"{settings['steps']} Adam steps per student, float64",
         fontsize=10,
     )
+    _save(figure, path)
+    return figure
+
+
+def plot_paper_table(data: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """Held-out accuracy per dataset and model: one dot per seed, the mean as a bar.
+
+    ``data`` as written by ``analysis/paper_table.py``: ``runs`` (each with ``dataset``,
+    ``configuration``, ``seed``, ``accuracy``), ``summary`` (each with ``dataset``,
+    ``configuration``, ``accuracy_mean``, ``parameters``) and ``metadata`` (``date``, ``device``).
+    """
+    summary = data["summary"]
+    datasets = list(dict.fromkeys(row["dataset"] for row in summary))
+    labels = list(dict.fromkeys(row["configuration"] for row in summary))
+    colours = {label: f"C{index}" for index, label in enumerate(labels)}
+    figure = Figure(figsize=(4.6 * len(datasets), 0.45 * len(labels) + 1.8), layout="constrained")
+    axes = figure.subplots(1, len(datasets), squeeze=False, sharey=True)[0]
+    positions = {label: len(labels) - 1 - index for index, label in enumerate(labels)}
+    for axis, dataset in zip(axes, datasets):
+        rows = [row for row in summary if row["dataset"] == dataset]
+        means = [100 * row["accuracy_mean"] for row in rows]
+        axis.barh([positions[row["configuration"]] for row in rows], means,
+                  color=[colours[row["configuration"]] for row in rows], alpha=0.45, height=0.7)
+        for run in data["runs"]:
+            if run["dataset"] == dataset:
+                axis.plot(100 * run["accuracy"], positions[run["configuration"]], "o", ms=3.5, color="black")
+        for row, mean in zip(rows, means):
+            axis.annotate(f"{mean:.1f} %  ({row['parameters'] / 1e3:.0f} k params)", (0, positions[row["configuration"]]),
+                          xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+        low = min(100 * run["accuracy"] for run in data["runs"] if run["dataset"] == dataset)
+        axis.set_xlim(max(0.0, low - 10), 100)
+        axis.set_title(dataset, fontsize=10)
+        axis.set_xlabel("held-out accuracy (%)")
+    axes[0].set_yticks([positions[label] for label in labels], labels, fontsize=8)
+    meta = data["metadata"]
+    figure.suptitle(f"StarSaber against a Transformer and ReZero (bars: mean over seeds, dots: seeds); "
+                    f"{meta['device']}, {meta['date'][:10]}", fontsize=10)
     _save(figure, path)
     return figure

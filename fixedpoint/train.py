@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fixedpoint.baselines import ReZero, Transformer
+from fixedpoint.datasets import DATASETS, PAD, Dataset, load_dataset
 from fixedpoint.errors import InputError
 from fixedpoint.solvers.base import check_integer, check_number
 from fixedpoint.starsaber import StarSaber
@@ -51,20 +52,63 @@ def synthetic_task(name: str, samples: int, seq_len: int, *, seed: int = 0) -> t
     return signs.unsqueeze(-1).float(), labels.long()
 
 
-class SequenceClassifier(nn.Module):
-    """A sequence model (batch-first) and a readout: ``(B, T, I) → logits (B, classes)``."""
+def load_task(
+    name: str,
+    *,
+    seq_len: int | None = None,
+    train_samples: int = 2048,
+    test_samples: int = 512,
+    vocab_size: int = 10_000,
+    seed: int = 0,
+) -> Dataset:
+    """A synthetic task of :data:`TASKS` (``seq_len`` default 33; training data from ``seed``,
+    held-out data from ``seed + 1``) or an offline dataset of :data:`~fixedpoint.datasets.DATASETS`
+    (its own split and sizes; ``train_samples`` and ``test_samples`` do not apply)."""
+    if name in DATASETS:
+        return load_dataset(name, seq_len=seq_len, vocab_size=vocab_size)
+    if name not in TASKS:
+        raise InputError(f"task must be one of {', '.join(TASKS + DATASETS)}, got {name!r}")
+    length = 33 if seq_len is None else seq_len
+    train = synthetic_task(name, train_samples, length, seed=seed)
+    test = synthetic_task(name, test_samples, length, seed=seed + 1)
+    return Dataset(name, train, test, ("0", "1"))
 
-    def __init__(self, model: nn.Module, num_classes: int) -> None:
+
+class SequenceClassifier(nn.Module):
+    """A sequence model (batch-first) and a readout: ``(B, T, I) → logits (B, classes)``.
+
+    With ``vocab_size`` the inputs are token ids ``(B, T)``: an embedding of width
+    ``model.input_size`` (id :data:`~fixedpoint.datasets.PAD` embeds to zeros) feeds the model,
+    and the readout averages over the positions that are not padding.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, vocab_size: int | None = None) -> None:
         super().__init__()
         check_integer("num_classes", num_classes, 2)
         if not getattr(model, "batch_first", False):
             raise InputError("the sequence model must be built with batch_first=True")
         self.model = model
+        self.embedding = None
+        if vocab_size is not None:
+            check_integer("vocab_size", vocab_size, 2)
+            self.embedding = nn.Embedding(vocab_size, model.input_size, padding_idx=PAD)
         self.readout = nn.Linear(model.hidden_size, num_classes)
 
     def forward(self, inputs: Tensor) -> Tensor:
-        output, _ = self.model(inputs)
-        return self.readout(output.mean(dim=1))
+        if self.embedding is None:
+            if inputs.is_floating_point():
+                output, _ = self.model(inputs)
+                return self.readout(output.mean(dim=1))
+            raise InputError(f"this classifier takes float features (B, T, I), got {inputs.dtype} (build it with vocab_size for token ids)")
+        if inputs.dim() != 2 or inputs.dtype != torch.long:
+            raise InputError(f"this classifier takes token ids (B, T) of dtype long, got {inputs.dtype} {tuple(inputs.shape)}")
+        output, _ = self.model(self.embedding(inputs))
+        mask = (inputs != PAD).unsqueeze(-1).to(output.dtype)
+        return self.readout((output * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1))
+
+
+#: StarSaber's own options (the two ablations and the variant), refused by the baselines.
+STARSABER_OPTIONS = ("variant", "shared_position_matrix", "input_every_layer", "nonlinearity", "attention")
 
 
 def build_classifier(
@@ -77,16 +121,46 @@ def build_classifier(
     num_heads: int = 2,
     causal: bool = False,
     max_len: int = 512,
+    vocab_size: int | None = None,
     seed: int = 0,
+    **starsaber_options: Any,
 ) -> SequenceClassifier:
-    """One of :data:`MODELS` with matched width, depth and heads, and the readout."""
+    """One of :data:`MODELS` with matched width, depth and heads, and the readout.
+
+    ``vocab_size``: token-id inputs embedded to ``input_size``. ``starsaber_options`` (names in
+    :data:`STARSABER_OPTIONS`) go to :class:`StarSaber` and are refused for the baselines.
+    """
     if name not in MODELS:
         raise InputError(f"model must be one of {', '.join(MODELS)}, got {name!r}")
+    unknown = set(starsaber_options) - set(STARSABER_OPTIONS)
+    if unknown:
+        raise InputError(f"unknown model options {sorted(unknown)}; StarSaber takes {', '.join(STARSABER_OPTIONS)}")
+    if starsaber_options and name != "starsaber":
+        raise InputError(f"{sorted(starsaber_options)} are StarSaber options; the {name} baseline has none")
     torch.manual_seed(seed)
     model = MODELS[name](
-        input_size, hidden_size, num_layers, num_heads=num_heads, causal=causal, max_len=max_len, batch_first=True
+        input_size, hidden_size, num_layers, num_heads=num_heads, causal=causal, max_len=max_len, batch_first=True,
+        **starsaber_options,
     )
-    return SequenceClassifier(model, num_classes)
+    return SequenceClassifier(model, num_classes, vocab_size)
+
+
+def flops_per_token(classifier: nn.Module, inputs: Tensor) -> float:
+    """Forward floating-point operations per position, counted by torch's ``FlopCounterMode``
+    on ``inputs`` (``(B, T, …)``): matrix products and attention only, elementwise work excluded,
+    the same rule for every model."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_attention(query: Any, key: Any, value: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    classifier.eval()
+    # torch's table has no entry for the CPU attention kernel; without one it counts zero
+    cpu_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_kernel: cpu_attention})
+    with counter, torch.enable_grad():  # with grad off, torch's fused encoder kernel hides its FLOPs
+        classifier(inputs)
+    return counter.get_total_flops() / (inputs.shape[0] * inputs.shape[1])
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fixedpoint import InputError, Network
-from fixedpoint.approx import ApproxSettings, relative_error, run_approx, teacher_step_flops
+from fixedpoint.approx import ApproxSettings, distill, relative_error, run_approx, teacher_step_flops, train_student
 from fixedpoint.cli import main
+from fixedpoint.starsaber import StarSaber
 from fixedpoint.system import SequenceSystem
 
 TINY = ApproxSettings(depths=(1, 2, 6), seq_len=6, train_samples=8, test_samples=4, steps=2)
@@ -89,3 +90,38 @@ def test_cli_table_and_errors(capsys, tmp_path):
     torch.save(torch.nn.LSTM(3, 4).state_dict(), tmp_path / "lstm.pt")
     assert main(["approx", "--weights", str(tmp_path / "lstm.pt"), "--depths", "1"]) == 2
     assert "LSTM teacher" in capsys.readouterr().err
+
+
+def test_distill_trains_a_users_student_towards_the_teacher():
+    cell = Network.random("elman", 3, 4, seed=2, dtype=torch.float64).cells[0][0]
+    inputs = torch.randn(6, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = SequenceSystem.build(cell, inputs).sequential()
+    student = StarSaber.from_cell(cell, 2, attention="softmax", max_len=6)
+    with torch.no_grad():
+        before = relative_error(student(inputs)[0], exact)
+    after = distill(cell, student, inputs, ApproxSettings(steps=30))
+    assert after <= before  # the best parameters seen are kept, the start included
+    with torch.no_grad():
+        assert relative_error(student(inputs)[0], exact) == pytest.approx(after, rel=1e-12)
+
+
+def test_mismatched_teacher_and_student_sizes_are_clear_errors():
+    cell = Network.random("gru", 3, 4, seed=2, dtype=torch.float64).cells[0][0]
+    inputs = torch.zeros(5, 2, 3, dtype=torch.float64)
+    with pytest.raises(InputError, match="teacher and student sizes differ: the gru teacher has hidden_size=4, the student 6"):
+        distill(cell, StarSaber(3, 6, 1, variant="gated"), inputs)
+    with pytest.raises(InputError, match="input_size=3, the student 2"):
+        distill(cell, StarSaber(2, 4, 1), inputs)
+    with pytest.raises(InputError, match="time-major"):
+        distill(cell, StarSaber(3, 4, 1, batch_first=True), inputs)
+    with pytest.raises(InputError, match="must be a fixedpoint.starsaber.StarSaber"):
+        distill(cell, torch.nn.GRU(3, 4), inputs)
+    with pytest.raises(InputError, match="this model takes input_size=3"):
+        distill(cell, StarSaber(3, 4, 1), torch.zeros(5, 2, 7, dtype=torch.float64))
+    student = StarSaber(3, 4, 1).double()
+    with pytest.raises(InputError, match=r"target must have shape \(T, B, H\) = \(5, 2, 4\)"):
+        train_student(student, inputs, torch.zeros(5, 2, 6, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64),
+                      ApproxSettings(steps=1))
+    with pytest.raises(InputError, match="initial_state must have shape"):
+        train_student(student, inputs, torch.zeros(5, 2, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64),
+                      ApproxSettings(steps=1))

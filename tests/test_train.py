@@ -12,7 +12,8 @@ from fixedpoint import InputError
 from fixedpoint.cli import main
 from fixedpoint.starsaber import StarSaber
 from fixedpoint.train import (
-    MODELS, SequenceClassifier, TrainConfig, accuracy, build_classifier, fit, lightning_module, synthetic_task,
+    MODELS, SequenceClassifier, TrainConfig, accuracy, build_classifier, fit, flops_per_token, lightning_module, load_task,
+    synthetic_task,
 )
 
 
@@ -84,3 +85,70 @@ def test_cli_train_json(capsys):
     assert main(["train", "--model", "lstm", "--task", "majority"]) == 2
     assert main(["train", "--model", "rezero", "--task", "majority", "--seq-len", "8"]) == 2
     assert "odd seq_len" in capsys.readouterr().err
+
+
+def test_token_classifier_learns_and_averages_only_real_tokens():
+    # label: whether token 5 occurs; texts of random length, padded at the end
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 8, (600, 12), generator=generator)
+    lengths = torch.randint(1, 13, (600,), generator=generator)
+    ids[torch.arange(12) >= lengths[:, None]] = 0
+    labels = (ids == 5).any(1).long()
+    classifier = build_classifier("starsaber", 8, 2, hidden_size=16, num_layers=1, num_heads=2, max_len=12, vocab_size=8)
+    result = fit(classifier, (ids[:500], labels[:500]), (ids[500:], labels[500:]), TrainConfig(epochs=15, learning_rate=3e-3))
+    assert result.accuracy >= 0.9
+    with torch.no_grad():  # an all-padding text averages over nothing: the logits are the readout's bias
+        assert torch.equal(classifier(torch.zeros(2, 12, dtype=torch.long)), classifier.readout.bias.expand(2, 2))
+        assert torch.all(classifier.embedding(torch.zeros(1, dtype=torch.long)) == 0)
+
+
+def test_inputs_of_the_wrong_kind_are_refused():
+    tokens = build_classifier("transformer", 8, 2, hidden_size=8, num_layers=1, num_heads=1, max_len=4, vocab_size=10)
+    features = build_classifier("transformer", 8, 2, hidden_size=8, num_layers=1, num_heads=1, max_len=4)
+    with pytest.raises(InputError, match="token ids"):
+        tokens(torch.randn(2, 4, 8))
+    with pytest.raises(InputError, match="vocab_size"):
+        features(torch.zeros(2, 4, 8, dtype=torch.long))
+
+
+def test_starsaber_options_reach_starsaber_and_only_starsaber():
+    classifier = build_classifier("starsaber", 3, 2, hidden_size=8, num_heads=2, variant="gated",
+                                  shared_position_matrix=True, input_every_layer=False)
+    layers = classifier.model.layers
+    assert all(layer.variant == "gated" and layer.after is None and layer.after_matrix is layer.before for layer in layers)
+    assert layers[0].input_weight is not None and layers[1].input_weight is None
+    with pytest.raises(InputError, match="StarSaber options"):
+        build_classifier("rezero", 3, 2, variant="gated")
+    with pytest.raises(InputError, match="unknown model options"):
+        build_classifier("starsaber", 3, 2, dropout=0.1)
+
+
+@pytest.mark.parametrize("model", ["transformer", "rezero"])
+def test_flop_count_of_the_baselines_matches_the_hand_count(model):
+    # per token: input map 2IH; per layer q,k,v 6H², output 2H², feed-forward 16H², scores and
+    # weighted sum 4TH; readout 2HC per sequence (the CPU attention kernel must be counted)
+    inputs, hidden, layers, steps, classes = 5, 16, 2, 12, 3
+    classifier = build_classifier(model, inputs, classes, hidden_size=hidden, num_layers=layers, num_heads=4, max_len=steps)
+    expected = 2 * inputs * hidden + layers * (24 * hidden**2 + 4 * steps * hidden) + 2 * hidden * classes / steps
+    assert flops_per_token(classifier, torch.randn(3, steps, inputs)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_load_task_wraps_synthetic_tasks_and_refuses_unknown_names():
+    data = load_task("first", seq_len=7, train_samples=20, test_samples=10, seed=4)
+    assert data.train[0].shape == (20, 7, 1) and data.test[0].shape == (10, 7, 1) and data.num_classes == 2
+    assert torch.equal(data.train[0], synthetic_task("first", 20, 7, seed=4)[0])
+    assert torch.equal(data.test[0], synthetic_task("first", 10, 7, seed=5)[0])
+    with pytest.raises(InputError, match="digits"):
+        load_task("copying")
+
+
+def test_cli_train_passes_starsaber_options(capsys):
+    code = main(["train", "--model", "starsaber", "--task", "first", "--seq-len", "5", "--hidden", "8",
+                 "--train-samples", "32", "--test-samples", "16", "--epochs", "1", "--variant", "gated",
+                 "--input-first-layer-only", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["starsaber_options"] == {"variant": "gated", "input_every_layer": False}
+    assert report["classes"] == 2 and report["train_samples"] == 32
+    assert main(["train", "--model", "transformer", "--task", "first", "--shared-position-matrix"]) == 2
+    assert "StarSaber options" in capsys.readouterr().err
