@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from _common import ROOT, add_output_arguments, output_directory, write_and_reload
-from fixedpoint.datasets import DATASETS, Dataset, MissingPackage, load_dataset
+from fixedpoint.datasets import DATASETS, Dataset, MissingPackage, load_dataset, split
 from fixedpoint.plotting import plot_paper_table
 from fixedpoint.train import TrainConfig, build_classifier, fit, flops_per_token
 
@@ -59,22 +59,22 @@ class Setup:
 
 
 #: The learning rates tried per configuration (one model family does not train at the other's).
-LEARNING_RATES = (1e-3, 3e-3)
+LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2)
 VALIDATION_FRACTION = 0.1
+#: The seed of the selection runs: apart from the reported seeds 0 … N−1.
+SELECTION_SEED = 1000
 #: Epochs per dataset: about the same training time each on two CPU cores.
 EPOCHS = {"digits": 30, "mnist5k": 10, "r8": 8, "20news": 4, "tweets": 8}
 START, END = "<!-- paper-table:start -->", "<!-- paper-table:end -->"
 
 
 def validation_split(dataset: Dataset) -> Dataset:
-    """The training split cut in two: the last :data:`VALIDATION_FRACTION` of a seed-0
-    permutation becomes the test split of the returned dataset."""
+    """The training split cut in two (:func:`fixedpoint.datasets.split`, seed 0): the held-out
+    :data:`VALIDATION_FRACTION` becomes the test split of the returned dataset."""
     inputs, labels = dataset.train
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    held = round(len(labels) * VALIDATION_FRACTION)
-    fit_part, held_part = order[:-held], order[-held:]
-    return Dataset(dataset.name, (inputs[fit_part], labels[fit_part]), (inputs[held_part], labels[held_part]),
-                   dataset.classes, dataset.vocab_size)
+    kept, held = split(len(labels), VALIDATION_FRACTION)
+    return Dataset(dataset.name, (inputs[kept], labels[kept]), (inputs[held], labels[held]), dataset.classes,
+                   dataset.vocab_size)
 
 
 def run_one(
@@ -110,6 +110,7 @@ def summarise(runs: list[dict]) -> list[dict]:
             rows.append({
                 "dataset": dataset, "configuration": label, "seeds": len(chosen),
                 "learning_rate": chosen[0]["learning_rate"],
+                "at_grid_edge": chosen[0]["learning_rate"] in (LEARNING_RATES[0], LEARNING_RATES[-1]),
                 "accuracy_mean": statistics.fmean(accuracies),
                 "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else math.nan,
                 "train_accuracy_mean": statistics.fmean(run["train_accuracy"] for run in chosen),
@@ -127,10 +128,12 @@ def markdown(data: dict) -> str:
         f"float32; regenerate with `{meta['command']}`.",
         "",
         f"Every model: width {meta['setup']['hidden_size']}, {meta['setup']['num_layers']} layers, "
-        f"{meta['setup']['num_heads']} heads, bidirectional, AdamW, batch {meta['setup']['batch_size']}, epochs "
-        f"{', '.join(f'{k} {v}' for k, v in meta['epochs'].items())}; seeds {', '.join(map(str, meta['seeds']))}. "
-        f"Learning rate per dataset and model from {', '.join(f'{r:g}' for r in meta['learning_rates'])} by "
-        "validation accuracy (10 % of the training split). Accuracy is on the test split, mean ± sample std over seeds.",
+        f"{meta['setup']['num_heads']} heads, {'causal' if meta['setup']['causal'] else 'bidirectional'}, AdamW, "
+        f"batch {meta['setup']['batch_size']}, epochs {', '.join(f'{k} {v}' for k, v in meta['epochs'].items())}; "
+        f"seeds {', '.join(map(str, meta['seeds']))}. Learning rate per dataset and model from "
+        f"{', '.join(f'{r:g}' for r in meta['learning_rates'])} by validation accuracy "
+        f"({100 * meta['validation_fraction']:g} % of the training split, seed {meta['selection_seed']}; "
+        "* marks a rate at the edge of that grid). Accuracy is on the test split, mean ± sample std over seeds.",
         "",
         "| dataset | model | test accuracy | train acc. | lr | parameters (+ embedding) | FLOPs/token | train time (s) |",
         "|---|---|---|---|---|---|---|---|",
@@ -140,7 +143,8 @@ def markdown(data: dict) -> str:
         std = "" if math.isnan(row["accuracy_std"]) else f" ± {100 * row['accuracy_std']:.1f}"
         lines.append(
             f"| {row['dataset']} | {row['configuration']} | {100 * row['accuracy_mean']:.1f}{std} % | "
-            f"{100 * row['train_accuracy_mean']:.1f} % | {row['learning_rate']:g} | {row['parameters']:,}{embedding} | "
+            f"{100 * row['train_accuracy_mean']:.1f} % | {row['learning_rate']:g}{'*' if row['at_grid_edge'] else ''} | "
+            f"{row['parameters']:,}{embedding} | "
             f"{row['flops_per_token'] / 1e3:,.0f} k | {row['seconds_mean']:.0f} |"
         )
     return "\n".join(lines)
@@ -190,7 +194,7 @@ def main() -> None:
         "device": f"CPU ({platform.processor() or platform.machine()})", "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "setup": asdict(setup),
         "epochs": epochs, "seeds": list(range(args.seeds)), "learning_rates": list(LEARNING_RATES),
-        "validation_fraction": VALIDATION_FRACTION,
+        "validation_fraction": VALIDATION_FRACTION, "selection_seed": SELECTION_SEED,
         "datasets": {d.name: {"train": len(d.train[1]), "test": len(d.test[1]), "seq_len": d.seq_len,
                               "classes": d.num_classes, "vocab_size": d.vocab_size} for d in datasets},
     }
@@ -210,13 +214,13 @@ def main() -> None:
             for rate in LEARNING_RATES:
                 done += 1
                 print(f"[{done}/{total}] {dataset.name}: {label}, lr {rate:g} (validation)", end=" ", flush=True)
-                run = run_one(validation, label, model, options, setup, epochs[dataset.name], 0, rate)
+                run = run_one(validation, label, model, options, setup, epochs[dataset.name], SELECTION_SEED, rate)
                 scores[rate] = run["accuracy"]
                 print(f"→ {100 * run['accuracy']:.1f} %", flush=True)
             best = max(LEARNING_RATES, key=lambda rate: (scores[rate], -rate))  # ties: the smaller rate
             selection.append({"dataset": dataset.name, "configuration": label,
                               "validation_accuracy": {f"{rate:g}": score for rate, score in scores.items()},
-                              "learning_rate": best})
+                              "learning_rate": best, "at_grid_edge": best in (LEARNING_RATES[0], LEARNING_RATES[-1])})
             for seed in range(args.seeds):
                 done += 1
                 print(f"[{done}/{total}] {dataset.name}: {label}, lr {best:g}, seed {seed}", end=" ", flush=True)

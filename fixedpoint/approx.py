@@ -84,7 +84,7 @@ class DepthResult:
     newton_rel_error: float
     banach_bound: float | None
     starsaber_parameters: int
-    starsaber_flops_per_token: int
+    starsaber_flops_per_token: float
     jacobi_flops_per_token: int
     train_seconds: float
 
@@ -99,22 +99,25 @@ def teacher_step_flops(cell: Cell) -> int:
     return 2 * cell.gate_count * cell.hidden_size * (cell.hidden_size + cell.input_size)
 
 
-def starsaber_flops_per_token(model: StarSaber, seq_len: int) -> int:
+def starsaber_flops_per_token(model: StarSaber, seq_len: int) -> float:
     """Matrix-product FLOPs per token of ``model`` on sequences of ``seq_len``, dense attention as
-    implemented (``T + 1`` keys per query, causal masking included)."""
-    total = 0
+    implemented: ``T + 1`` key positions (``h_0`` included) whose keys and values are computed
+    once per sequence, every query scored against all of them (causal masking included)."""
+    total = 0.0
     keys = seq_len + 1
+    per_query = keys / seq_len  # keys and values: T + 1 positions shared by T queries
     for layer in model.layers:
         hidden, inputs = layer.hidden_size, layer.input_size
         rows = layer.before.shape[0]  # G·H
         matrices = 1 if layer.after_matrix is None else 2
-        total += matrices * (2 * rows * hidden + 2 * keys * rows)  # values and their aggregation
+        total += matrices * (2 * rows * hidden * per_query + 2 * keys * rows)  # values and their aggregation
         if layer.input_weight is not None:
             total += 2 * rows * inputs
         if layer.variant == "gated":
             total += 2 * keys * hidden  # the carried state's average
         if layer.attention == "softmax":
-            total += 2 * 2 * hidden * (hidden + inputs) + 2 * keys * hidden  # queries, keys, scores
+            projection = 2 * hidden * (hidden + inputs)
+            total += projection + projection * per_query + 2 * keys * hidden  # queries, keys, scores
     return total
 
 
@@ -127,9 +130,16 @@ def _sweeps(system: SequenceSystem, count: int) -> list[Tensor]:
     return out
 
 
+def check_teacher(cell: Cell) -> None:
+    """Raise :class:`InputError` unless ``cell`` is an Elman or GRU cell (StarSaber's variants)."""
+    if not isinstance(cell, (ElmanCell, GRUCell)):
+        raise InputError(f"the teacher must be an Elman or GRU cell (StarSaber's two variants), not {getattr(cell, 'kind', cell)!r}")
+
+
 def check_student(cell: Cell, student: StarSaber) -> None:
     """Raise :class:`InputError` unless ``student`` can be trained to ``cell``'s states: a
     time-major StarSaber with the teacher's input and hidden sizes."""
+    check_teacher(cell)
     if not isinstance(student, StarSaber):
         raise InputError(f"the student must be a fixedpoint.starsaber.StarSaber, got {type(student).__name__}")
     if student.batch_first:
@@ -168,14 +178,17 @@ def distill(
     """Train a user's ``student`` (same sizes as ``cell``) to the teacher's exact states on
     ``inputs (T, B, I)`` from ``initial_state (B, H)`` (zeros when ``None``), with
     ``settings.steps`` and ``settings.learning_rate``; returns the student's relative error on
-    those inputs (module docstring's measure)."""
+    those inputs (module docstring's measure). Inputs, state and student are moved to the
+    teacher's dtype and device."""
     check_student(cell, student)
     check_sequence_inputs(inputs, cell.input_size)
-    inputs = inputs.to(dtype=cell.dtype, device=cell.device)
+    inputs = inputs.to(dtype=cell.dtype, device=cell.device)  # the teacher's dtype and device throughout
     if initial_state is None:
         initial_state = inputs.new_zeros(inputs.shape[1], cell.hidden_size)
-    exact = SequenceSystem.build(cell, inputs, initial_state).sequential()
+    initial_state = initial_state.to(dtype=cell.dtype, device=cell.device)
     student.to(dtype=cell.dtype, device=cell.device)
+    check_student_data(student, inputs, inputs.new_zeros(*inputs.shape[:2], cell.hidden_size), initial_state)
+    exact = SequenceSystem.build(cell, inputs, initial_state).sequential()
     train_student(student, inputs, exact, initial_state, settings, progress, "student")
     with torch.no_grad():
         output, _ = student(inputs, initial_state)
@@ -225,8 +238,7 @@ def run_approx(cell: Cell, settings: ApproxSettings = ApproxSettings(), progress
     Returns one JSON-ready object: ``settings``, ``teacher`` (kind, sizes, certified ``L``) and
     ``results``, one :class:`DepthResult` per depth.
     """
-    if not isinstance(cell, (ElmanCell, GRUCell)):
-        raise InputError(f"the teacher must be an Elman or GRU cell (StarSaber's two variants), not {getattr(cell, 'kind', cell)!r}")
+    check_teacher(cell)
     cell = cell.to(dtype=torch.float64)
     generator = torch.Generator().manual_seed(settings.seed)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fixedpoint.errors import InputError
-from fixedpoint.starsaber import check_model_sizes, check_sequence_inputs
+from fixedpoint.starsaber import check_key_padding_mask, check_model_sizes, check_sequence_inputs
 
 
 class _Encoder(nn.Module):
@@ -47,17 +47,22 @@ class _Encoder(nn.Module):
         nn.init.normal_(self.position, std=0.02)
         self.blocks = nn.ModuleList(self._block(hidden_size, num_heads, dropout) for _ in range(num_layers))
 
-    def forward(self, inputs: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, inputs: Tensor, key_padding_mask: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """``inputs (T, B, I)`` (``(B, T, I)`` with ``batch_first``) → ``(output, layers)``;
+        ``key_padding_mask (B, T)``: ``True`` at positions no query attends to."""
         check_sequence_inputs(inputs, self.input_size)
         states = inputs if self.batch_first else inputs.transpose(0, 1)  # (B, T, I)
-        steps = states.shape[1]
+        batch, steps = states.shape[:2]
         if steps > self.max_len:
             raise InputError(f"sequence length {steps} exceeds max_len {self.max_len}")
+        if key_padding_mask is not None:
+            check_key_padding_mask(key_padding_mask, batch, steps)
         states = self.embed(states) + self.position[:steps]
-        mask = nn.Transformer.generate_square_subsequent_mask(steps, device=states.device, dtype=states.dtype) if self.causal else None
+        # True: not attended; boolean like key_padding_mask (torch deprecates mixing the two kinds)
+        mask = torch.ones(steps, steps, dtype=torch.bool, device=states.device).triu(1) if self.causal else None
         layers = []
         for block in self.blocks:
-            states = block(states, mask)
+            states = block(states, mask, key_padding_mask)
             layers.append(states if self.batch_first else states.transpose(0, 1))
         return layers[-1], layers
 
@@ -69,8 +74,8 @@ class _TransformerBlock(nn.Module):
             hidden_size, num_heads, 4 * hidden_size, dropout, batch_first=True, norm_first=True
         )
 
-    def forward(self, states: Tensor, mask: Tensor | None) -> Tensor:
-        return self.layer(states, src_mask=mask, is_causal=mask is not None)
+    def forward(self, states: Tensor, mask: Tensor | None, key_padding_mask: Tensor | None) -> Tensor:
+        return self.layer(states, src_mask=mask, src_key_padding_mask=key_padding_mask, is_causal=mask is not None)
 
 
 class Transformer(_Encoder):
@@ -88,8 +93,10 @@ class _ReZeroBlock(nn.Module):
         )
         self.alpha = nn.Parameter(torch.zeros(()))  # ReZero: every block starts as the identity
 
-    def forward(self, states: Tensor, mask: Tensor | None) -> Tensor:
-        attended, _ = self.attention(states, states, states, attn_mask=mask, need_weights=False)
+    def forward(self, states: Tensor, mask: Tensor | None, key_padding_mask: Tensor | None) -> Tensor:
+        attended, _ = self.attention(
+            states, states, states, attn_mask=mask, key_padding_mask=key_padding_mask, need_weights=False
+        )
         states = states + self.alpha * attended
         return states + self.alpha * self.feed_forward(states)
 

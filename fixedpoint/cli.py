@@ -649,7 +649,9 @@ def _run_train(args: argparse.Namespace) -> int:
         "train_samples": len(data.train[1]), "test_samples": len(data.test[1]), "hidden": args.hidden, "layers": args.layers,
         "heads": args.heads, "causal": args.causal, "starsaber_options": _starsaber_options(args), "epochs": args.epochs,
         "accuracy": result.accuracy,
-        "train_accuracy": result.train_accuracy, "parameters": result.parameters, "wall_time": result.seconds,
+        "train_accuracy": result.train_accuracy, "parameters": result.parameters,
+        "embedding_parameters": 0 if classifier.embedding is None else classifier.embedding.weight.numel(),
+        "wall_time": result.seconds,
         "losses": result.losses,
     }
     if args.json:

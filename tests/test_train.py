@@ -10,6 +10,7 @@ import torch
 
 from fixedpoint import InputError
 from fixedpoint.cli import main
+from fixedpoint.approx import starsaber_flops_per_token
 from fixedpoint.starsaber import StarSaber
 from fixedpoint.train import (
     MODELS, SequenceClassifier, TrainConfig, accuracy, build_classifier, fit, flops_per_token, lightning_module, load_task,
@@ -131,6 +132,34 @@ def test_flop_count_of_the_baselines_matches_the_hand_count(model):
     classifier = build_classifier(model, inputs, classes, hidden_size=hidden, num_layers=layers, num_heads=4, max_len=steps)
     expected = 2 * inputs * hidden + layers * (24 * hidden**2 + 4 * steps * hidden) + 2 * hidden * classes / steps
     assert flops_per_token(classifier, torch.randn(3, steps, inputs)) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("options", [{}, {"variant": "gated"}, {"shared_position_matrix": True}, {"input_every_layer": False}])
+def test_flop_count_of_starsaber_matches_its_hand_count(options):
+    # the depth study's hand count of the layers, plus the readout 2HC per sequence
+    steps, hidden, classes = 10, 8, 3
+    classifier = build_classifier("starsaber", 4, classes, hidden_size=hidden, num_heads=2, max_len=steps, **options)
+    expected = starsaber_flops_per_token(classifier.model, steps) + 2 * hidden * classes / steps
+    assert flops_per_token(classifier, torch.randn(2, steps, 4)) == pytest.approx(expected, rel=1e-12)
+    assert classifier.training  # the count leaves the mode as it found it
+
+
+def test_padding_changes_nothing_but_the_length():
+    # attention skips padding and the readout averages real tokens only: more trailing padding,
+    # the same logits, for every model, causal or not, in training and evaluation mode
+    ids = torch.randint(2, 10, (4, 8), generator=torch.Generator().manual_seed(0))
+    ids[1, 5:] = 0
+    ids[2, 1:] = 0
+    ids[3] = 0
+    longer = torch.cat((ids, torch.zeros(4, 5, dtype=torch.long)), dim=1)
+    for model in MODELS:
+        for causal in (False, True):
+            classifier = build_classifier(model, 8, 3, hidden_size=8, num_heads=2, max_len=13, vocab_size=10,
+                                          causal=causal).double()
+            for training in (True, False):
+                classifier.train(training)
+                with torch.no_grad():
+                    assert torch.allclose(classifier(ids), classifier(longer), rtol=0, atol=1e-12), (model, causal, training)
 
 
 def test_load_task_wraps_synthetic_tasks_and_refuses_unknown_names():
