@@ -68,6 +68,11 @@ EPOCHS = {"digits": 30, "mnist5k": 10, "r8": 8, "20news": 4, "tweets": 8}
 START, END = "<!-- paper-table:start -->", "<!-- paper-table:end -->"
 
 
+def at_grid_edge(rate: float) -> bool:
+    """Whether ``rate`` is the smallest or largest of :data:`LEARNING_RATES` (the best may lie beyond)."""
+    return rate in (LEARNING_RATES[0], LEARNING_RATES[-1])
+
+
 def validation_split(dataset: Dataset) -> Dataset:
     """The training split cut in two (:func:`fixedpoint.datasets.split`, seed 0): the held-out
     :data:`VALIDATION_FRACTION` becomes the test split of the returned dataset."""
@@ -110,7 +115,7 @@ def summarise(runs: list[dict]) -> list[dict]:
             rows.append({
                 "dataset": dataset, "configuration": label, "seeds": len(chosen),
                 "learning_rate": chosen[0]["learning_rate"],
-                "at_grid_edge": chosen[0]["learning_rate"] in (LEARNING_RATES[0], LEARNING_RATES[-1]),
+                "at_grid_edge": at_grid_edge(chosen[0]["learning_rate"]),
                 "accuracy_mean": statistics.fmean(accuracies),
                 "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else math.nan,
                 "train_accuracy_mean": statistics.fmean(run["train_accuracy"] for run in chosen),
@@ -220,7 +225,7 @@ def main() -> None:
             best = max(LEARNING_RATES, key=lambda rate: (scores[rate], -rate))  # ties: the smaller rate
             selection.append({"dataset": dataset.name, "configuration": label,
                               "validation_accuracy": {f"{rate:g}": score for rate, score in scores.items()},
-                              "learning_rate": best, "at_grid_edge": best in (LEARNING_RATES[0], LEARNING_RATES[-1])})
+                              "learning_rate": best, "at_grid_edge": at_grid_edge(best)})
             for seed in range(args.seeds):
                 done += 1
                 print(f"[{done}/{total}] {dataset.name}: {label}, lr {best:g}, seed {seed}", end=" ", flush=True)
