@@ -181,13 +181,15 @@ class Cell(ABC):
         """The output part ``h`` of a state ``(..., S) → (..., H)``."""
         return state
 
-    def fused_sequence(self, inputs: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
+    def fused_sequence(self, inputs: Tensor, initial_state: Tensor, *, train: bool = False) -> tuple[Tensor, Tensor]:
         """The sequential solution by ``torch.nn``'s own compiled kernel (cuDNN on CUDA).
 
         ``inputs (T, B, I)``, ``initial_state (B, S)`` → the outputs ``h_t (T, B, H)`` and the
         final state ``s_T (B, S)``.  The same recurrence as :meth:`step` applied ``T`` times, without
         Python between the steps.  LSTM's kernel returns no ``c_t`` before the last: see
-        :meth:`states_from_hidden`.
+        :meth:`states_from_hidden`.  Differentiable when the tensors require gradients; ``train``
+        must then be true on CUDA, where cuDNN keeps what its backward needs only in training mode
+        (no dropout either way: one layer).
         """
         hidden = self.hidden_size
         h0 = initial_state[..., :hidden].unsqueeze(0).contiguous()
@@ -196,7 +198,7 @@ class Cell(ABC):
             weights += [self.bias_ih, self.bias_hh]
         # torch._VF is what torch.nn.RNN/GRU/LSTM.forward call; the arguments after the weights
         # are has_biases, num_layers, dropout, train, bidirectional, batch_first.
-        options = (self.bias_ih is not None, 1, 0.0, False, False, False)
+        options = (self.bias_ih is not None, 1, 0.0, train, False, False)
         if self.kind == "lstm":
             c0 = initial_state[..., hidden:].unsqueeze(0).contiguous()
             output, h_n, c_n = torch._VF.lstm(inputs, (h0, c0), weights, *options)  # type: ignore[attr-defined]

@@ -7,31 +7,80 @@ loads unchanged and the other way round.  Three keyword arguments are added:
 - ``solver``: a :class:`~fixedpoint.solvers.Solver` or one of the names of
   :data:`fixedpoint.solvers.SOLVERS` (default ``"auto"``);
 - ``max_steps``: most iterations per layer and direction (default ``T``, which always suffices);
-- ``adjoint``: how the backward pass runs the adjoint recurrence (:mod:`fixedpoint.adjoint`).
+- ``adjoint``: how the backward pass runs the adjoint recurrence (:mod:`fixedpoint.adjoint`),
+  or ``"fused"``: ``torch.nn``'s own backward through its fused sequential kernel.
 
 The forward pass solves each layer and direction exactly; a solve that does not converge raises
 :class:`~fixedpoint.errors.NoConvergence` instead of handing an unconverged state to an
 optimiser.  The backward pass is the adjoint recurrence at the solution plus one batched
-vector–Jacobian product, never a pass back through the solver's iterations.
+vector–Jacobian product, never a pass back through the solver's iterations.  The exception is
+``"fused"``, where a forward pass that records gradients runs ``torch.nn``'s kernel under
+autograd (backpropagation through time by ``torch.nn`` itself, no iterations to pass back
+through); ``"auto"`` takes it where it is measured fastest, for the float32 LSTM on a CPU
+(:func:`backpropagates_fused_kernel`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as functional
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fixedpoint.adjoint import AdjointMethod, adjoint_states, check_adjoint_method, solution_gradients
+from fixedpoint.adjoint import ADJOINT_METHODS, AdjointMethod, adjoint_states, solution_gradients
 from fixedpoint.cells import CELL_TYPES, Cell
 from fixedpoint.errors import InputError
 from fixedpoint.solve import solve
-from fixedpoint.solvers import SOLVERS, Solver
+from fixedpoint.solvers import SOLVERS, Auto, Sequential, Solver
 from fixedpoint.solvers.base import check_integer
 from fixedpoint.system import SequenceSystem
+
+
+#: The modules' ``adjoint=``: a method of the adjoint recurrence, or ``"fused"`` (module docstring).
+ModuleAdjoint = Literal["auto", "scan", "quasi-newton", "sequential", "fused"]
+MODULE_ADJOINTS: tuple[str, ...] = (*ADJOINT_METHODS, "fused")
+
+
+def runs_fused_kernel(solver: Solver) -> bool:
+    """Whether ``solver``'s forward on a CPU is ``torch.nn``'s fused kernel."""
+    return isinstance(solver, Auto) or (isinstance(solver, Sequential) and solver.kernel == "fused")
+
+
+def backpropagates_fused_kernel(adjoint: ModuleAdjoint, solver: Solver, kind: str, inputs: Tensor) -> bool:
+    """Whether a forward pass that records gradients runs ``torch.nn``'s fused kernel under
+    autograd, so that the backward is ``torch.nn``'s own, instead of solving and keeping ``S*``
+    for the adjoint recurrence.
+
+    ``"auto"`` does so for the float32 LSTM on a CPU with ``solver`` ``"auto"`` (whose forward is
+    that kernel there anyway): torch runs its forward and backward in oneDNN's fused LSTM kernel,
+    measured 2.5–6× faster than the adjoint recurrence, whose reverse step is about ten small
+    tensor operations (docs/adjoint.md §5).  Elman and GRU have no fused backward on a CPU and
+    the recurrence is faster there; on CUDA the adjoint recurrence stays (unmeasured: §5).
+    """
+    if adjoint == "fused":
+        return True
+    return (
+        adjoint == "auto"
+        and kind == "lstm"
+        and inputs.device.type == "cpu"
+        and inputs.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.backends.mkldnn.enabled)
+        and runs_fused_kernel(solver)
+    )
+
+
+def check_module_adjoint(adjoint: object, solver: Solver) -> None:
+    if adjoint not in MODULE_ADJOINTS:
+        raise InputError(f"adjoint must be one of {', '.join(map(repr, MODULE_ADJOINTS))}, got {adjoint!r}")
+    if adjoint == "fused" and not runs_fused_kernel(solver):
+        raise InputError(
+            "adjoint='fused' backpropagates through torch.nn's fused kernel, so the forward pass must "
+            f"run that kernel: use solver='auto' or Sequential(kernel='fused'), not {solver.name!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -105,6 +154,15 @@ class SolvedLayer(torch.autograd.Function):
         return (None, None, *gradients)
 
 
+def _fused_layer(
+    options: LayerOptions, inputs: Tensor, initial_state: Tensor, weights: list[Tensor | None]
+) -> tuple[Tensor, Tensor]:
+    """One layer, one direction by ``torch.nn``'s fused kernel under autograd (``adjoint="fused"``):
+    ``x (T, B, I)``, ``s_0 (B, S)`` → ``(h (T, B, H), s_T (B, S))``, differentiable as ``torch.nn``."""
+    with _autocast_off(inputs):
+        return options.cell(*weights).fused_sequence(inputs, initial_state, train=True)
+
+
 def _autocast_off(tensor: Tensor) -> Any:
     """Solve and differentiate in the weights' dtype even inside ``torch.autocast``."""
     return torch.autocast(device_type=tensor.device.type, enabled=False)
@@ -146,16 +204,20 @@ class _Solved:
     load_state_dict: Any
     named_parameters: Any
 
-    def _configure(self, solver: Solver | str | None, max_steps: int | None, adjoint: AdjointMethod) -> None:
+    def _configure(self, solver: Solver | str | None, max_steps: int | None, adjoint: ModuleAdjoint) -> None:
         check_integer("max_steps", max_steps, allow_none=True)
-        check_adjoint_method(adjoint)
-        self.solver = resolve_solver(solver)
+        resolved = resolve_solver(solver)
+        check_module_adjoint(adjoint, resolved)
+        self.solver = resolved
         self.max_steps = max_steps
         self.adjoint = adjoint
 
     def _layer_options(self) -> LayerOptions:
         nonlinearity = getattr(self, "nonlinearity", None) if self._kind == "elman" else None
-        return LayerOptions(self._kind, nonlinearity, self.solver, self.max_steps, self.adjoint)
+        # "fused" never reaches SolvedLayer's backward: with gradients recorded, forward takes
+        # _fused_layer instead; without, there is no backward.
+        adjoint: AdjointMethod = "auto" if self.adjoint == "fused" else self.adjoint
+        return LayerOptions(self._kind, nonlinearity, self.solver, self.max_steps, adjoint)
 
     def extra_repr(self) -> str:
         return (
@@ -227,6 +289,7 @@ class _Solved:
             input = input.unsqueeze(batch_axis)
         initial = self._initial_state(input, hx, batched)  # (L·D, B, S)
         options = self._layer_options()
+        through_kernel = torch.is_grad_enabled() and backpropagates_fused_kernel(self.adjoint, self.solver, self._kind, input)
         directions = 2 if self.bidirectional else 1
         layer_input = input.transpose(0, 1) if self.batch_first else input  # (T, B, ·)
         finals = []
@@ -236,9 +299,11 @@ class _Solved:
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
                 weights = [getattr(self, f"{kind}{suffix}", None) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
                 sequence = layer_input.flip(0) if direction else layer_input  # the reverse direction
-                hidden, final = SolvedLayer.apply(
-                    options, torch.is_grad_enabled(), sequence, initial[layer * directions + direction], *weights
-                )
+                state = initial[layer * directions + direction]
+                if through_kernel:
+                    hidden, final = _fused_layer(options, sequence, state, weights)
+                else:
+                    hidden, final = SolvedLayer.apply(options, torch.is_grad_enabled(), sequence, state, *weights)
                 outputs.append(hidden.flip(0) if direction else hidden)
                 finals.append(final)
             layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
@@ -302,7 +367,7 @@ class RNN(_Solved, nn.RNN):
         *,
         solver: Solver | str | None = None,
         max_steps: int | None = None,
-        adjoint: AdjointMethod = "auto",
+        adjoint: ModuleAdjoint = "auto",
     ) -> None:
         nn.RNN.__init__(
             self, input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout, bidirectional,
@@ -331,7 +396,7 @@ class GRU(_Solved, nn.GRU):
         *,
         solver: Solver | str | None = None,
         max_steps: int | None = None,
-        adjoint: AdjointMethod = "auto",
+        adjoint: ModuleAdjoint = "auto",
     ) -> None:
         nn.GRU.__init__(
             self, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
@@ -361,7 +426,7 @@ class LSTM(_Solved, nn.LSTM):
         *,
         solver: Solver | str | None = None,
         max_steps: int | None = None,
-        adjoint: AdjointMethod = "auto",
+        adjoint: ModuleAdjoint = "auto",
     ) -> None:
         if proj_size != 0:
             raise InputError("LSTM with proj_size > 0 is not supported: its state is not (h, c) of one size")

@@ -97,7 +97,7 @@ def assert_matches_torch(
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["TB", "BT"])
-@pytest.mark.parametrize("adjoint", ["scan", "quasi-newton", "sequential"])
+@pytest.mark.parametrize("adjoint", ["scan", "quasi-newton", "sequential", "fused"])
 def test_every_structure_matches_torch_float64(cell, num_layers, bidirectional, batch_first, adjoint):
     kind, nonlinearity = cell
     reference, solved = make_pair(
@@ -401,6 +401,50 @@ def test_no_convergence_raises_instead_of_returning_garbage():
         solved(inputs)
 
 
+def graph_nodes(tensor: Tensor) -> set[str]:
+    """The names of every autograd node behind ``tensor``."""
+    names, stack, seen = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype", "solver", "expected"),
+    [
+        ("lstm", torch.float32, "auto", True),  # oneDNN's fused LSTM backward: measured faster on a CPU
+        ("lstm", torch.float64, "auto", False),  # no oneDNN kernel in float64
+        ("gru", torch.float32, "auto", False),  # no fused GRU backward on a CPU: the recurrence wins
+        ("elman", torch.float32, "auto", False),
+        ("lstm", torch.float32, "picard", False),  # a parallel forward keeps the adjoint recurrence
+    ],
+)
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_auto_adjoint_backpropagates_the_fused_kernel_only_where_measured_faster(kind, dtype, solver, expected):
+    reference, solved = make_pair(kind, dtype=dtype, solver=solver)
+    inputs = randn(6, 2, 3, seed=1, dtype=dtype).requires_grad_()
+    output, _ = solved(inputs)
+    assert ("SolvedLayerBackward" not in graph_nodes(output)) is expected
+    with torch.no_grad():  # nothing to differentiate: the solver's forward, without a graph
+        assert solved(inputs)[0].grad_fn is None
+    output.sum().backward()
+    expected_gradient = torch.autograd.grad(reference(inputs)[0].sum(), inputs)[0]
+    assert (inputs.grad - expected_gradient).abs().max().item() <= BOUNDS[dtype]
+
+
+def test_fused_adjoint_needs_the_fused_forward():
+    with pytest.raises(InputError, match="solver='auto' or Sequential"):
+        fnn.GRU(3, 4, solver="picard", adjoint="fused")
+    with pytest.raises(InputError, match="not 'sequential'"):
+        fnn.LSTM(3, 4, solver=Sequential(), adjoint="fused")
+    assert fnn.RNN(3, 4, solver=Sequential(kernel="fused"), adjoint="fused").adjoint == "fused"
+
+
 def test_bad_options_are_refused():
     with pytest.raises(InputError, match="solver must be"):
         fnn.GRU(3, 4, solver="bisection")
@@ -519,7 +563,7 @@ def test_adjoint_finds_tiny_components_that_expanding_weights_amplify(adjoint):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
-@pytest.mark.parametrize("adjoint", ["auto", "scan", "quasi-newton", "sequential"])
+@pytest.mark.parametrize("adjoint", ["auto", "scan", "quasi-newton", "sequential", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_gradients_match_torch_on_cuda(cell, adjoint, dtype):
     """Against cuDNN's backward, TF32 off; auto's forward calibrates there."""
