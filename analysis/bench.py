@@ -162,6 +162,7 @@ def run_train(job: dict) -> dict:
     module = SOLVED_MODULES[job["cell"]].from_torch(reference, solver=solver, adjoint=adjoint)
     gradients(module, inputs[:8])
     row["peak_mib"] = _peak_bytes(device, lambda: gradients(module, inputs)) / 2**20
+    row["backward"] = module.backward_method(inputs)
     ours, theirs = [], []
     for _ in range(repeats):  # alternating, as compare_with_torch does for the forward pass
         ours.append(_median_seconds(device, lambda: gradients(module, inputs), 1))
@@ -279,10 +280,11 @@ def markdown_train(result: dict) -> str:
         f"rel diff = max over the gradients of max |diff| ÷ max |torch.nn's gradient|; rel error: the same "
         f"against torch.nn in float64 (T ≤ 4096), for both float32 results; peak = memory the pass adds "
         f"({'allocated' if result['device'] == 'cuda' else 'resident'}). `nn-auto`: solver and adjoint chosen "
-        f"by `auto`; `nn-quasi-newton`: quasi-Newton forward.",
+        f"by `auto`; `nn-quasi-newton`: quasi-Newton forward; backward: what ran (`fused`: torch.nn's own "
+        f"backward through its kernel; otherwise the adjoint recurrence's method).",
         "",
-        "| cell | H | T | method | rel diff | rel error | torch.nn rel error | seconds | torch.nn s | ratio | peak MiB | torch.nn MiB |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| cell | H | T | method | backward | rel diff | rel error | torch.nn rel error | seconds | torch.nn s | ratio | peak MiB | torch.nn MiB |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     reference = {(r["cell"], r["hidden"], r["seq_len"]): r for r in result["rows"] if r["method"] == "torch.nn"}
     for row in result["rows"]:
@@ -290,7 +292,8 @@ def markdown_train(result: dict) -> str:
             continue
         base = reference.get((row["cell"], row["hidden"], row["seq_len"]), {})
         lines.append(
-            f"| {row['cell']} | {row['hidden']} | {row['seq_len']} | {row['method']} | {row['max_rel_diff']:.1e} | "
+            f"| {row['cell']} | {row['hidden']} | {row['seq_len']} | {row['method']} | {row.get('backward', '')} | "
+            f"{row['max_rel_diff']:.1e} | "
             f"{_maybe(row.get('rel_error'))} | {_maybe(row.get('reference_rel_error'))} | {row['seconds']:.4f} | {row['reference_seconds']:.4f} | {row['ratio']:.2f} | {row['peak_mib']:.1f} | "
             f"{base.get('peak_mib', float('nan')):.1f} |"
         )

@@ -55,12 +55,12 @@ def check_adjoint_method(method: object) -> None:
         raise InputError(f"adjoint must be one of {', '.join(map(repr, ADJOINT_METHODS))}, got {method!r}")
 
 
-def resolve_adjoint_method(method: AdjointMethod, system: SequenceSystem) -> Literal["scan", "quasi-newton", "sequential"]:
-    """The method ``"auto"`` stands for on this system's device."""
+def resolve_adjoint_method(method: AdjointMethod, device: torch.device) -> Literal["scan", "quasi-newton", "sequential"]:
+    """The method ``"auto"`` stands for on ``device``."""
     check_adjoint_method(method)
     if method != "auto":
         return method
-    return "quasi-newton" if system.inputs.device.type == "cuda" else "sequential"
+    return "quasi-newton" if device.type == "cuda" else "sequential"
 
 
 def adjoint_states(
@@ -89,7 +89,7 @@ def adjoint_states(
         )
     check_integer("chunk", chunk, allow_none=True)
     check_integer("memory_limit", memory_limit, allow_none=True)
-    resolved = resolve_adjoint_method(method, system)
+    resolved = resolve_adjoint_method(method, system.inputs.device)
     if resolved == "scan":
         size = plan_dense_chunk(
             system, chunk, memory_limit, what="the scanned adjoint",

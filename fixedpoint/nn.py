@@ -30,7 +30,7 @@ import torch.nn.functional as functional
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fixedpoint.adjoint import ADJOINT_METHODS, AdjointMethod, adjoint_states, solution_gradients
+from fixedpoint.adjoint import ADJOINT_METHODS, AdjointMethod, adjoint_states, resolve_adjoint_method, solution_gradients
 from fixedpoint.cells import CELL_TYPES, Cell
 from fixedpoint.errors import InputError
 from fixedpoint.solve import solve
@@ -56,8 +56,8 @@ def backpropagates_fused_kernel(adjoint: ModuleAdjoint, solver: Solver, kind: st
 
     ``"auto"`` does so for the float32 LSTM on a CPU with ``solver`` ``"auto"`` (whose forward is
     that kernel there anyway): torch runs its forward and backward in oneDNN's fused LSTM kernel,
-    measured 2.5–6× faster than the adjoint recurrence, whose reverse step is about ten small
-    tensor operations (docs/adjoint.md §5).  Elman and GRU have no fused backward on a CPU and
+    where training through the adjoint recurrence took 1.5–6.7× ``torch.nn``'s time (its reverse
+    step is about ten small tensor operations; docs/adjoint.md §5).  Elman and GRU have no fused backward on a CPU and
     the recurrence is faster there; on CUDA the adjoint recurrence stays (unmeasured: §5).
     """
     if adjoint == "fused":
@@ -218,6 +218,13 @@ class _Solved:
         # _fused_layer instead; without, there is no backward.
         adjoint: AdjointMethod = "auto" if self.adjoint == "fused" else self.adjoint
         return LayerOptions(self._kind, nonlinearity, self.solver, self.max_steps, adjoint)
+
+    def backward_method(self, input: Tensor) -> str:
+        """What the backward of a forward on ``input`` runs: ``"fused"`` (``torch.nn``'s own) or
+        the method of the adjoint recurrence that ``adjoint`` stands for on ``input``'s device."""
+        if backpropagates_fused_kernel(self.adjoint, self.solver, self._kind, input):
+            return "fused"
+        return resolve_adjoint_method(self._layer_options().adjoint, input.device)
 
     def extra_repr(self) -> str:
         return (

@@ -430,6 +430,7 @@ def test_auto_adjoint_backpropagates_the_fused_kernel_only_where_measured_faster
     inputs = randn(6, 2, 3, seed=1, dtype=dtype).requires_grad_()
     output, _ = solved(inputs)
     assert ("SolvedLayerBackward" not in graph_nodes(output)) is expected
+    assert solved.backward_method(inputs) == ("fused" if expected else "sequential")
     with torch.no_grad():  # nothing to differentiate: the solver's forward, without a graph
         assert solved(inputs)[0].grad_fn is None
     output.sum().backward()
