@@ -57,8 +57,9 @@ def backpropagates_fused_kernel(adjoint: ModuleAdjoint, solver: Solver, kind: st
     ``"auto"`` does so for the float32 LSTM on a CPU with ``solver`` ``"auto"`` (whose forward is
     that kernel there anyway): torch runs its forward and backward in oneDNN's fused LSTM kernel,
     where training through the adjoint recurrence took 1.5–6.7× ``torch.nn``'s time (its reverse
-    step is about ten small tensor operations; docs/adjoint.md §5).  Elman and GRU have no fused backward on a CPU and
-    the recurrence is faster there; on CUDA the adjoint recurrence stays (unmeasured: §5).
+    step is about ten small tensor operations; docs/adjoint.md §5).  Elman and GRU have no fused
+    backward on a CPU and the recurrence is faster there; on CUDA the adjoint recurrence stays
+    (unmeasured: §5).
     """
     if adjoint == "fused":
         return True
