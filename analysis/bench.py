@@ -17,6 +17,11 @@ Writes ``docs/benchmarks.json`` (results of earlier runs on other devices or pas
 and ``docs/benchmarks.md``.
 
     python analysis/bench.py [--device cpu|cuda] [--pass forward|train|all] [--quick] [--out docs]
+                             [--cells gru,lstm] [--hiddens 8,64] [--seq-lens 512,32768]
+
+A subset (``--cells``, ``--hiddens``, ``--seq-lens``) replaces its own rows and keeps the other rows
+of that section when the device is the same, so a long run can be split into shorter ones; the
+section's date then spans the runs.  The files are rewritten after every job.
 """
 
 from __future__ import annotations
@@ -304,22 +309,57 @@ def _maybe(value: float | None) -> str:
     return "" if value is None else f"{value:.1e}"
 
 
-def run_jobs(jobs: list[dict]) -> list[dict]:
-    """Each job in its own process (so that its peak memory is its own)."""
-    rows = []
-    for number, job in enumerate(jobs, 1):
-        done = subprocess.run(
-            [sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            print(done.stderr, file=sys.stderr)
-            raise SystemExit(f"job {job} failed")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        row = rows[-1]
-        print(f"[{number}/{len(jobs)}] {job.get('pass', 'forward')} {job['cell']} H={job['hidden']} T={job['seq_len']} "
-              f"{job['method']}: {row['seconds']:.4f} s" + (f", ratio {row['ratio']:.2f}" if "ratio" in row else ""),
-              flush=True)
-    return rows
+def run_job(job: dict) -> dict:
+    """One job in its own process (so that its peak memory is its own)."""
+    done = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(done.stderr, file=sys.stderr)
+        raise SystemExit(f"job {job} failed")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def job_key(job: dict) -> tuple:
+    return job["cell"], job["hidden"], job["seq_len"], job["method"]
+
+
+def selected(job: dict, args: argparse.Namespace) -> bool:
+    """Whether ``job`` is in the subset that ``--cells``, ``--hiddens`` and ``--seq-lens`` name."""
+    return (
+        (args.cells is None or job["cell"] in args.cells)
+        and (args.hiddens is None or job["hidden"] in args.hiddens)
+        and (args.seq_lens is None or job["seq_len"] in args.seq_lens)
+    )
+
+
+def merged_rows(previous: dict | None, rows: list[dict], full_plan: list[dict], device_name: str) -> list[dict]:
+    """``rows`` with the rows of an earlier run on the same device that they do not replace, in the
+    order of the full plan: a subset run (``--cells`` …) adds to a section instead of replacing it."""
+    if previous is None or previous.get("device_name") != device_name:
+        return list(rows)
+    ran = {job_key(row) for row in rows}
+    kept = [dict(row, date=row.get("date", previous["date"])) for row in previous["rows"] if job_key(row) not in ran]
+    order = {job_key(job): index for index, job in enumerate(full_plan)}
+    return sorted(kept + rows, key=lambda row: order.get(job_key(row), len(order)))
+
+
+def _date_span(rows: list[dict]) -> str:
+    dates = sorted({row["date"] for row in rows})
+    return dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+
+
+def _integers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _cells(text: str) -> tuple[str, ...]:
+    cells = tuple(text.split(","))
+    unknown = [cell for cell in cells if cell not in CELLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown cell {unknown[0]!r}: choose from {', '.join(CELLS)}")
+    return cells
 
 
 def main() -> None:
@@ -327,6 +367,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--pass", dest="passes", choices=["forward", "train", "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="H ∈ {8, 64}, T ∈ {512, 4096}")
+    parser.add_argument("--cells", type=_cells, help="run only these cells (comma-separated); adds to the section")
+    parser.add_argument("--hiddens", type=_integers, help="run only these H (comma-separated); adds to the section")
+    parser.add_argument("--seq-lens", type=_integers, help="run only these T (comma-separated); adds to the section")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a job as JSON, run in this process
     args = parser.parse_args()
@@ -336,26 +379,36 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
+    device_name = describe(args.device)
+    today = datetime.date.today().isoformat()
     path = args.out / "benchmarks.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    args.out.mkdir(parents=True, exist_ok=True)
     for name in ("forward", "train") if args.passes == "all" else (args.passes,):
-        jobs = plan(args.device, args.quick) if name == "forward" else plan_train(args.device, args.quick)
-        result = {
-            "device": args.device,
-            "pass": name,
-            "device_name": describe(args.device),
-            "date": datetime.date.today().isoformat(),
-            "quick": args.quick,
-            "rows": run_jobs(jobs),
-        }
+        full_plan = plan(args.device, args.quick) if name == "forward" else plan_train(args.device, args.quick)
+        jobs = [job for job in full_plan if selected(job, args)]
+        if not jobs:
+            parser.error(f"--cells/--hiddens/--seq-lens select none of the {name} pass's {len(full_plan)} jobs")
+        # forward results keep the key of earlier files (the device); the training pass is "<device> train"
+        key = args.device if name == "forward" else f"{args.device} train"
+        previous = results.get(key) if len(jobs) < len(full_plan) else None
+        result = {"device": args.device, "pass": name, "device_name": device_name, "quick": args.quick}
         if name == "forward":
             result["copy_gb_per_s"] = copy_bandwidth(device)
-        # forward results keep the key of earlier files (the device); the training pass is "<device> train"
-        results[args.device if name == "forward" else f"{args.device} train"] = result
-        args.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1))
-        sections = [render(results[key]) for key in sorted(results)]
-        (args.out / "benchmarks.md").write_text(HEADER + "\n\n".join(sections) + "\n")
+        rows: list[dict] = []
+        for number, job in enumerate(jobs, 1):
+            row = dict(run_job(job), date=today)
+            rows.append(row)
+            print(f"[{number}/{len(jobs)}] {name} {job['cell']} H={job['hidden']} T={job['seq_len']} "
+                  f"{job['method']}: {row['seconds']:.4f} s" + (f", ratio {row['ratio']:.2f}" if "ratio" in row else ""),
+                  flush=True)
+            # Written after every job, so that a run cut short keeps what it measured.
+            result["rows"] = merged_rows(previous, rows, full_plan, device_name)
+            result["date"] = _date_span(result["rows"])
+            results[key] = result
+            path.write_text(json.dumps(results, indent=1))
+            sections = [render(results[section]) for section in sorted(results)]
+            (args.out / "benchmarks.md").write_text(HEADER + "\n\n".join(sections) + "\n")
         print(render(result))
 
 
