@@ -20,8 +20,9 @@ and ``docs/benchmarks.md``.
                              [--cells gru,lstm] [--hiddens 8,64] [--seq-lens 512,32768]
 
 A subset (``--cells``, ``--hiddens``, ``--seq-lens``) replaces its own rows and keeps the other rows
-of that section when the device is the same, so a long run can be split into shorter ones; the
-section's date then spans the runs.  The files are rewritten after every job.
+of that section, so a long run can be split into shorter ones; it refuses a section measured on
+another device or plan (``--quick``).  The section's date spans the runs.  The files are rewritten
+after every job: a run cut short keeps what it measured beside the earlier rows it has not reached.
 """
 
 from __future__ import annotations
@@ -331,13 +332,14 @@ def selected(job: dict, args: argparse.Namespace) -> bool:
     )
 
 
-def merged_rows(previous: dict | None, rows: list[dict], full_plan: list[dict], device_name: str) -> list[dict]:
-    """``rows`` with the rows of an earlier run on the same device that they do not replace, in the
-    order of the full plan: a subset run (``--cells`` …) adds to a section instead of replacing it."""
-    if previous is None or previous.get("device_name") != device_name:
+def merged_rows(previous: dict | None, rows: list[dict], full_plan: list[dict]) -> list[dict]:
+    """``rows`` with the rows of the section ``previous`` (same device and plan) that they do not
+    replace, in the order of the full plan."""
+    if previous is None:
         return list(rows)
     ran = {job_key(row) for row in rows}
-    kept = [dict(row, date=row.get("date", previous["date"])) for row in previous["rows"] if job_key(row) not in ran]
+    first_date = previous["date"].split(" to ")[0]  # for rows of files written before rows had dates
+    kept = [dict(row, date=row.get("date", first_date)) for row in previous["rows"] if job_key(row) not in ran]
     order = {job_key(job): index for index, job in enumerate(full_plan)}
     return sorted(kept + rows, key=lambda row: order.get(job_key(row), len(order)))
 
@@ -391,7 +393,16 @@ def main() -> None:
             parser.error(f"--cells/--hiddens/--seq-lens select none of the {name} pass's {len(full_plan)} jobs")
         # forward results keep the key of earlier files (the device); the training pass is "<device> train"
         key = args.device if name == "forward" else f"{args.device} train"
-        previous = results.get(key) if len(jobs) < len(full_plan) else None
+        previous = results.get(key)
+        subset = len(jobs) < len(full_plan)
+        if previous is not None and (previous.get("device_name"), previous.get("quick")) != (device_name, args.quick):
+            if subset:  # merging would mix two machines (or plans) in one table
+                parser.error(
+                    f"the {key!r} section of {path} was measured on {previous.get('device_name')} "
+                    f"(quick={previous.get('quick')}); a subset run adds to it only on the same device and plan: "
+                    "run the whole plan to replace it, or write elsewhere with --out"
+                )
+            previous = None
         result = {"device": args.device, "pass": name, "device_name": device_name, "quick": args.quick}
         if name == "forward":
             result["copy_gb_per_s"] = copy_bandwidth(device)
@@ -402,14 +413,22 @@ def main() -> None:
             print(f"[{number}/{len(jobs)}] {name} {job['cell']} H={job['hidden']} T={job['seq_len']} "
                   f"{job['method']}: {row['seconds']:.4f} s" + (f", ratio {row['ratio']:.2f}" if "ratio" in row else ""),
                   flush=True)
-            # Written after every job, so that a run cut short keeps what it measured.
-            result["rows"] = merged_rows(previous, rows, full_plan, device_name)
-            result["date"] = _date_span(result["rows"])
-            results[key] = result
-            path.write_text(json.dumps(results, indent=1))
-            sections = [render(results[section]) for section in sorted(results)]
-            (args.out / "benchmarks.md").write_text(HEADER + "\n\n".join(sections) + "\n")
+            # Written after every job, so that a run cut short keeps what it measured and, until
+            # it is overwritten, what the earlier run measured.
+            result["rows"] = merged_rows(previous, rows, full_plan)
+            write(results, key, result, path, args.out)
+        if not subset:  # a whole run replaces the section, rows the plan no longer has included
+            result["rows"] = rows
+            write(results, key, result, path, args.out)
         print(render(result))
+
+
+def write(results: dict, key: str, result: dict, path: Path, out: Path) -> None:
+    result["date"] = _date_span(result["rows"])
+    results[key] = result
+    path.write_text(json.dumps(results, indent=1))
+    sections = [render(results[section]) for section in sorted(results)]
+    (out / "benchmarks.md").write_text(HEADER + "\n\n".join(sections) + "\n")
 
 
 def render(result: dict) -> str:

@@ -54,8 +54,9 @@ def backpropagates_fused_kernel(adjoint: ModuleAdjoint, solver: Solver, kind: st
     autograd, so that the backward is ``torch.nn``'s own, instead of solving and keeping ``S*``
     for the adjoint recurrence.
 
-    ``"auto"`` does so for the float32 LSTM on a CPU with ``solver`` ``"auto"`` (whose forward is
-    that kernel there anyway): torch runs its forward and backward in oneDNN's fused LSTM kernel,
+    ``"auto"`` does so for the float32 LSTM on a CPU with ``solver`` ``"auto"`` or
+    ``Sequential(kernel="fused")`` (whose forward is that kernel there anyway) when oneDNN is
+    available and enabled: torch runs its forward and backward in oneDNN's fused LSTM kernel,
     where training through the adjoint recurrence took 1.5–6.7× ``torch.nn``'s time (its reverse
     step is about ten small tensor operations; docs/adjoint.md §5).  Elman and GRU have no fused
     backward on a CPU and the recurrence is faster there; on CUDA the adjoint recurrence stays
@@ -159,9 +160,11 @@ def _fused_layer(
     options: LayerOptions, inputs: Tensor, initial_state: Tensor, weights: list[Tensor | None]
 ) -> tuple[Tensor, Tensor]:
     """One layer, one direction by ``torch.nn``'s fused kernel under autograd (``adjoint="fused"``):
-    ``x (T, B, I)``, ``s_0 (B, S)`` → ``(h (T, B, H), s_T (B, S))``, differentiable as ``torch.nn``."""
+    ``x (T, B, I)``, ``s_0 (B, S)`` → ``(h (T, B, H), s_T (B, S))``, differentiable as ``torch.nn``.
+    The inputs are validated as for a solve (NaN/Inf, ``T, B ≥ 1``), whichever path runs."""
     with _autocast_off(inputs):
-        return options.cell(*weights).fused_sequence(inputs, initial_state, train=True)
+        system = SequenceSystem.build(options.cell(*weights), inputs, initial_state)  # validation only
+        return system.cell.fused_sequence(system.inputs, system.initial_state, train=True)
 
 
 def _autocast_off(tensor: Tensor) -> Any:
@@ -296,6 +299,7 @@ class _Solved:
         if not batched:
             input = input.unsqueeze(batch_axis)
         initial = self._initial_state(input, hx, batched)  # (L·D, B, S)
+        check_module_adjoint(self.adjoint, self.solver)  # the attributes may have been reassigned
         options = self._layer_options()
         through_kernel = torch.is_grad_enabled() and backpropagates_fused_kernel(self.adjoint, self.solver, self._kind, input)
         directions = 2 if self.bidirectional else 1

@@ -424,7 +424,9 @@ def graph_nodes(tensor: Tensor) -> set[str]:
         ("lstm", torch.float32, "picard", False),  # a parallel forward keeps the adjoint recurrence
     ],
 )
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled), reason="needs oneDNN, enabled"
+)
 def test_auto_adjoint_backpropagates_the_fused_kernel_only_where_measured_faster(kind, dtype, solver, expected):
     reference, solved = make_pair(kind, dtype=dtype, solver=solver)
     inputs = randn(6, 2, 3, seed=1, dtype=dtype).requires_grad_()
@@ -436,6 +438,36 @@ def test_auto_adjoint_backpropagates_the_fused_kernel_only_where_measured_faster
     output.sum().backward()
     expected_gradient = torch.autograd.grad(reference(inputs)[0].sum(), inputs)[0]
     assert (inputs.grad - expected_gradient).abs().max().item() <= BOUNDS[dtype]
+
+
+@pytest.mark.parametrize(("kind", "adjoint"), [("lstm", "auto"), ("gru", "fused")])
+def test_fused_path_validates_its_input_as_a_solve_does(kind, adjoint):
+    _, solved = make_pair(kind, dtype=torch.float32, adjoint=adjoint)
+    bad = torch.zeros(4, 2, 3)
+    bad[2, 1, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        solved(bad.requires_grad_())
+    with pytest.raises(InputError, match="T ≥ 1 and B ≥ 1"):
+        solved(torch.zeros(4, 0, 3, requires_grad=True))
+
+
+def test_fused_double_backward_is_torch_nn_s_own():
+    reference, solved = make_pair("lstm", dtype=torch.float64, adjoint="fused")
+    inputs = randn(6, 2, 3, seed=1).requires_grad_()
+
+    def penalty(module: nn.RNNBase) -> list[Tensor]:
+        (gradient,) = torch.autograd.grad(module(inputs)[0].square().sum(), inputs, create_graph=True)
+        return list(torch.autograd.grad(gradient.square().sum(), [inputs, *module.parameters()]))
+
+    for got, expected in zip(penalty(solved), penalty(reference)):
+        assert (got - expected).abs().max().item() <= 1e-10 * max(1.0, expected.abs().max().item())
+
+
+def test_adjoint_is_checked_again_when_reassigned():
+    solved = fnn.GRU(3, 4, adjoint="fused")
+    solved.solver = Picard()
+    with pytest.raises(InputError, match="solver='auto' or Sequential"):
+        solved(torch.zeros(2, 1, 3))
 
 
 def test_fused_adjoint_needs_the_fused_forward():
