@@ -207,10 +207,13 @@ class Cell(ABC):
         output, h_n = kernel(inputs, h0, weights, *options)
         return output, h_n[0]
 
-    def states_from_hidden(self, hidden: Tensor, inputs: Tensor, initial_state: Tensor) -> Tensor:
+    def states_from_hidden(
+        self, hidden: Tensor, inputs: Tensor, initial_state: Tensor, *, scan: bool | None = None
+    ) -> Tensor:
         """The full states ``(T, B, S)`` of the solution whose outputs are ``hidden (T, B, H)``.
 
-        The state is ``h`` itself except for LSTM, which overrides this.
+        The state is ``h`` itself except for LSTM, which overrides this; ``scan`` is LSTM's choice
+        of how to run its memory recurrence (default: a scan on CUDA, a loop elsewhere).
         """
         return hidden
 
@@ -349,7 +352,9 @@ class LSTMCell(Cell):
         """The memory part ``c`` of a state ``(..., 2H) → (..., H)``."""
         return state[..., self.hidden_size :]
 
-    def states_from_hidden(self, hidden: Tensor, inputs: Tensor, initial_state: Tensor) -> Tensor:
+    def states_from_hidden(
+        self, hidden: Tensor, inputs: Tensor, initial_state: Tensor, *, scan: bool | None = None
+    ) -> Tensor:
         # With every h_{t−1} known, the gates i, f, g follow from one batched product over
         # [x_t, h_{t−1}], and c_t = f_t ⊙ c_{t−1} + i_t ⊙ g_t is a diagonal linear recurrence: a
         # scan on CUDA, a loop of one fused op per step on a CPU.
@@ -366,7 +371,7 @@ class LSTMCell(Cell):
         i, f, g = pre.view(*hidden.shape[:2], 3 * size).chunk(3, dim=-1)
         forget = torch.sigmoid(f)
         update = torch.sigmoid(i).mul_(torch.tanh(g))
-        if hidden.device.type == "cuda":
+        if hidden.device.type == "cuda" if scan is None else scan:
             memory = linear_recurrence(forget, update, c0)
         else:
             memory = torch.empty_like(update)

@@ -136,6 +136,41 @@ def test_auto_runs_the_fused_kernel_on_a_cpu_and_validates():
         Sequential(kernel="cudnn")
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize(("timings", "expected"), [((1.0, 1e-4), "quasi-newton"), ((1e-4, 1.0), "sequential-fused")])
+def test_auto_calibration_path_runs_and_decides_on_a_cpu(kind, timings, expected, monkeypatch):
+    """The CUDA-only path of Auto, run on a CPU: the real calibration calls happen (so a changed
+    signature fails here, not first on a GPU), with the timer's answers fixed to force each choice."""
+    import fixedpoint.solvers.auto as auto_module
+
+    answers = iter(timings)  # the fused kernel on the prefix, then one quasi-Newton iteration
+
+    def timed(function, device):  # type: ignore[no-untyped-def]
+        function()
+        return next(answers)
+
+    monkeypatch.setattr(auto_module, "_calibrates", lambda system: True)
+    monkeypatch.setattr(auto_module, "_timed", timed)
+    network = Network.random(kind, 4, 8, seed=5)
+    inputs = randn(600, 2, 4, seed=6)  # T above calibration_steps
+    solution = solve_network(network, inputs, None, Auto())
+    assert [s.stats.solver["method"] for s in solution.solutions] == [expected]
+    reference = solve_network(network, inputs, None, Sequential())
+    assert float((solution.output - reference.output).abs().max()) <= 1e-10
+
+
+@pytest.mark.parametrize("steps", [1, 2, 37])
+def test_lstm_memory_by_scan_equals_the_loop(steps):
+    network = Network.random("lstm", 3, 5, seed=7)
+    cell = network.cells[0][0]
+    inputs, initial = randn(steps, 2, 3, seed=8), randn(2, 10, seed=9)
+    hidden, _ = cell.fused_sequence(inputs, initial)
+    by_scan = cell.states_from_hidden(hidden, inputs, initial, scan=True)
+    by_loop = cell.states_from_hidden(hidden, inputs, initial, scan=False)
+    assert float((by_scan - by_loop).abs().max()) <= 1e-12
+    assert float((by_loop - SequenceSystem.build(cell, inputs, initial).sequential()).abs().max()) <= 1e-12
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
