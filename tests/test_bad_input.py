@@ -8,7 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CELL_IDS, CELLS, make_hx, randn, reference
+from conftest import (
+    CELL_IDS,
+    CELLS,
+    make_hx,
+    position_errors,
+    propagated_bound,
+    randn,
+    reference,
+    rounding_local,
+    tolerance_local,
+)
 from fixedpoint import (
     Anderson,
     ElmanCell,
@@ -457,27 +467,43 @@ def test_overflowing_relu_is_reported_nonfinite(dtype, solver):
 @pytest.mark.parametrize("solver", ALL_SOLVERS, ids=SOLVER_IDS)
 def test_large_but_finite_relu_solution_converges(solver):
     """The counterpart: relu × 8 grows to ~1e40 over T = 200 but stays finite in float64, and
-    every solver finds it: relative error ≤ 1e-12 to the sequential loop on the same system.
-    (Against torch.nn the relative difference is ~1e-9 here for every solver, the sequential
-    loop included: the expanding map amplifies the different rounding of torch's kernel.)"""
+    every solver finds it, as closely as the problem's conditioning allows.
+
+    An expanding map amplifies rounding: the solvers' batched recurrent product rounds
+    differently from the loop's per-step one (and one CPU's GEMM from another's), and the two
+    differ by up to 1e-9 relative here.  What holds on every IEEE machine is the first-order
+    bound ``‖value_t − loop_t‖₂ ≤ 2·Σ_k ‖J_t⋯J_{k+1}‖₂·ρ_k (+ the same sum over the tolerance when
+    the solve stopped by it)``, with ``ρ_k`` the rounding of one step (conftest.rounding_local).
+    Here that allows 5e-8 relative; the errors measured on three GEMM code paths were ≤ 6e-11."""
     network = Network.random("elman", 3, 6, nonlinearity="relu", scale=8.0, seed=3)
     inputs = randn(200, 3, 3, seed=1)
     expected, _, _ = reference(network, inputs)
     assert float(expected.abs().max()) > 1e30 and bool(torch.isfinite(expected).all())
     solution = solve_network(network, inputs, None, solver)
     assert solution.converged
-    exact = solution.layers[0][0].system.sequential()
+    part = solution.layers[0][0]
+    exact = part.system.sequential()
     if isinstance(solver, Sequential) and solver.kernel == "fused":
         exact = expected  # torch's own kernel: compared with torch.nn, not with the Python loop
-    relative = ((solution.layers[0][0].value - exact).abs() / exact.abs().clamp(min=1.0)).max()
-    assert float(relative) <= 1e-12
+    assert_within_conditioning(part, exact)
+
+
+def assert_within_conditioning(part, exact: torch.Tensor) -> None:
+    """``part.value`` is within what rounding and (if it stopped by it) the tolerance allow of ``exact``."""
+    system, stats = part.system, part.stats
+    allowed = 2 * propagated_bound(system, exact, rounding_local(system, exact))
+    if stats.exact_prefix < system.seq_len:  # stopped by the tolerance, not by finite termination
+        allowed += propagated_bound(system, exact, tolerance_local(exact, stats.rtol, stats.atol))
+    errors = position_errors(part.value, exact)
+    assert bool((errors <= allowed).all()), float((errors / allowed).max())
 
 
 def test_anderson_survives_huge_but_finite_states():
     """relu × 8, T = 100, float32: the true solution peaks near 2e18 — finite, and Sequential and
     Picard both solve it.  Anderson's normal matrix ΔRᵀΔR then overflows float32; its docstring
     promises a plain step for a sample whose normal matrix "is not finite", so Anderson must
-    solve it too (plain steps keep finite termination), not raise from inside the solver."""
+    solve it too (plain steps keep finite termination), not raise from inside the solver, and
+    as closely to the loop as the conditioning allows (see the test above)."""
     network = Network.random("elman", 3, 6, nonlinearity="relu", scale=8.0, seed=3, dtype=torch.float32)
     inputs = randn(100, 2, 3, seed=1, dtype=torch.float32)
     expected, _, _ = reference(network, inputs)
@@ -487,8 +513,7 @@ def test_anderson_survives_huge_but_finite_states():
     solution = solve_network(network, inputs, None, Anderson(), throw=False)
     assert solution.converged, solution.result
     part = solution.layers[0][0]
-    exact = part.system.sequential()
-    assert float(((part.value - exact).abs() / exact.abs().clamp(min=1.0)).max()) <= 1e-5
+    assert_within_conditioning(part, part.system.sequential())
     plain = part.stats.solver["plain_steps"]
     assert min(plain) >= 1  # the overflowing normal matrices were rejected, and counted
 
