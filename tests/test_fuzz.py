@@ -1,9 +1,9 @@
 """A slice of the fuzz harness (analysis/fuzz.py, `make fuzz`): 50 solve cases, a few module
 cases and the fast command-line cases, each asserted to be no real miss.
 
-The cases are the harness's own (seeds 0–49 are ``python analysis/fuzz.py --seed N``), judged by
-its rule, which compares with the loop's own distance to torch.nn instead of one machine's
-rounding.  A case that exposes a known, unfixed bug is marked ``xfail(strict=True)``: the mark
+The cases are the harness's own (each replays with ``python analysis/fuzz.py --seed N``), judged
+by its rule, which measures how far rounding alone moves the answer on the case itself instead
+of asserting one machine's rounding.  A case that exposes a known, unfixed bug is marked ``xfail(strict=True)``: the mark
 must go when the bug is fixed.
 """
 
@@ -32,6 +32,23 @@ def load_harness():
 
 fuzz = load_harness()
 
+def slice_seeds(count: int = 50, per_solver: int = 6, seconds: float = 2.0) -> list[int]:
+    """The slice, chosen by size alone: per solver the first ``per_solver`` seeds whose predicted
+    worst case (``fuzz.worst_case_seconds``) is at most ``seconds``, then the next such seeds up
+    to ``count``."""
+    chosen: list[int] = []
+    taken = dict.fromkeys(fuzz.SOLVER_NAMES, 0)
+    seed = 0
+    while len(chosen) < count:
+        case = fuzz.draw_solve_case(seed)
+        quotas_met = len(chosen) >= per_solver * len(taken)
+        if fuzz.worst_case_seconds(case) <= seconds and (quotas_met or taken[case.solver] < per_solver):
+            chosen.append(seed)
+            taken[case.solver] += 1
+        seed += 1
+    return chosen
+
+
 #: The termination test bounds the residual |F(X) − X|, not the error: at a contraction rate L
 #: near 1 a solve that stops just under the tolerance is up to L/(1 − L) tolerances from the loop.
 RESIDUAL_NOT_ERROR = (
@@ -39,12 +56,13 @@ RESIDUAL_NOT_ERROR = (
     "leaves an error of up to L/(1 − L) tolerances (here {ratio}× the tolerance where the loop is at rounding)"
 )
 KNOWN_SOLVE_MISSES = {
-    13: RESIDUAL_NOT_ERROR.format(ratio="6.2") + "; quasi-newton, GRU, float64, median ‖J_t‖₂ 0.92",
+    50: RESIDUAL_NOT_ERROR.format(ratio="3.3") + "; Picard, 3-layer bidirectional LSTM, float64, median ‖J_t‖₂ 0.88",
+    124: RESIDUAL_NOT_ERROR.format(ratio="2.9") + "; full Newton, GRU, float32, median ‖J_t‖₂ 0.80",
 }
 SOLVE_SEEDS = [
     pytest.param(seed, marks=pytest.mark.xfail(strict=True, reason=KNOWN_SOLVE_MISSES[seed]))
     if seed in KNOWN_SOLVE_MISSES else seed
-    for seed in range(50)
+    for seed in slice_seeds()
 ]
 MODULE_SEEDS = range(8)
 #: Command-line cases that allocate nothing large: each is one interpreter start (~2 s).
@@ -129,6 +147,8 @@ def test_rule_silent_beyond_tolerance_where_the_loop_is_at_rounding() -> None:
 def test_rule_non_finite_success_and_overflowing_loop() -> None:
     assert judge([math.nan, 2.0], [1.0, 2.0], [1.0, 2.0]).klass == fuzz.NONFINITE
     assert judge([1.0, 2.0], [math.inf, 2.0], [math.inf, 2.0]).klass == fuzz.SILENT
+    # at the edge of the range, whether the loop's sums overflow depends on their order
+    assert judge([1e308, 2.0], [math.inf, 2.0], [math.inf, 2.0]).klass == fuzz.ILL_CONDITIONED
 
 
 def test_report_keeps_text_outside_the_generated_part(tmp_path: Path) -> None:
