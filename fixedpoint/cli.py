@@ -1,7 +1,9 @@
 """``fixedpoint`` command line.  Parses, resolves options, formats; computes nothing itself.
 
 Exit status: 0 when the solve converged (``check`` and ``approx``: when they ran), 1 when it did
-not, 2 for bad usage or bad input (one line on stderr, no traceback).
+not, 2 for bad usage or bad input, for work that cannot fit in memory (refused before it starts
+where the estimate says so), and when the output cannot be written: one line on stderr, no
+traceback (none at all for a closed pipe, as ``head`` expects).
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ import argparse
 import difflib
 import json
 import math
+import os
+import re
 import sys
+import threading
+import time
 from typing import Any, NoReturn, Sequence
 
 import torch
@@ -21,6 +27,8 @@ from fixedpoint.contraction import NORMS
 from fixedpoint.data import gaussian_inputs
 from fixedpoint.cells import SUPPORTED_DTYPES
 from fixedpoint.errors import InputError, first_line
+from fixedpoint.files import load_torch_file
+from fixedpoint.memory import NetworkShape, approx_bytes, check_fits, format_bytes, solve_bytes, train_bytes
 from fixedpoint.network import Network, load_network
 from fixedpoint.runtime import keep_freed_memory
 from fixedpoint.solvers import DEFAULT_TOLERANCES, SOLVERS, Solver
@@ -31,8 +39,21 @@ DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in SUPPORTED_DTYPES
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5
 
 
+#: Most stacked layers accepted.  Far beyond any trained recurrent network; each (layer,
+#: direction) is a separate solve, so a million layers would run for an hour before failing.
+MAX_LAYERS = 1000
+
+
 class UsageError(Exception):
     """Bad command-line usage (exit 2)."""
+
+
+class OutputError(Exception):
+    """The report could not be written to stdout (exit 2); ``quiet`` for a closed pipe."""
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,7 +117,10 @@ def _add_problem_arguments(command: argparse.ArgumentParser) -> None:
     model.add_argument("--nonlinearity", choices=["tanh", "relu"], help="Elman nonlinearity (default tanh)")
     model.add_argument("--hidden", type=_positive_int, help="hidden size H (default 64)")
     model.add_argument("--input-size", type=_positive_int, help="input size I (default: hidden)")
-    model.add_argument("--layers", type=_positive_int, help="stacked layers (default 1)")
+    model.add_argument(
+        "--layers", type=_integer_parser(1, MAX_LAYERS + 1, f"an integer in [1, {MAX_LAYERS}]"),
+        help=f"stacked layers, at most {MAX_LAYERS} (default 1)",
+    )
     model.add_argument("--bidirectional", action="store_true", default=None, help="two directions per layer")
     model.add_argument("--scale", type=_nonnegative_float, help="multiply every W_hh by this (default 1)")
     model.add_argument(
@@ -137,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--damping", type=float, help="Picard damping in [0, 1) (default 0)")
     run.add_argument("--memory", type=_positive_int, help="Anderson memory (default 5)")
     run.add_argument("--repeat", type=_positive_int, default=1, help="timed repetitions, median reported (default 1)")
-    run.add_argument("--norm", choices=NORMS, default="2", help="norm of the contraction numbers (default 2)")
+    run.add_argument(
+        "--certify", nargs="?", const="2", choices=NORMS, metavar="{2,inf}",
+        help="also compute the certified contraction bounds in this norm (default off; --certify alone: 2); "
+        "their interval arithmetic can take far longer than the solve",
+    )
     check = commands.add_parser(
         "check",
         allow_abbrev=False,
@@ -232,12 +260,7 @@ def _device(choice: str) -> torch.device:
 
 
 def _load_inputs(path: str) -> torch.Tensor:
-    try:
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as error:
-        raise InputError(f"inputs file not found: {path}") from error
-    except Exception as error:  # torch raises several types for unreadable files
-        raise InputError(f"cannot read {path} as a torch.save file of a tensor: {type(error).__name__}") from error
+    tensor = load_torch_file(path, "inputs", "a (T, B, input_size) tensor")
     if not isinstance(tensor, torch.Tensor):
         raise InputError(f"{path} holds a {type(tensor).__name__}; expected a (T, B, input_size) tensor")
     if tensor.dim() != 3:
@@ -282,10 +305,15 @@ def _resolve(args: argparse.Namespace) -> tuple[Network, torch.Tensor, str]:
         _check_agrees("--layers", args.layers, network.num_layers, source)
         if args.bidirectional and not network.bidirectional:
             raise InputError(f"--bidirectional conflicts with {source}, which run in one direction")
+        shape = NetworkShape(network.kind, network.input_size, network.hidden_size, network.num_layers,
+                             network.num_directions)
+        _check_solve_memory(args, shape, inputs, network.dtype, device)
     else:
         _check_random_cell(args, "choose a cell with --cell {elman,gru,lstm}, or give --weights")
         hidden = args.hidden or 64
         input_size = args.input_size or (inputs.shape[-1] if inputs is not None else hidden)
+        shape = NetworkShape(args.cell, input_size, hidden, args.layers or 1, 2 if args.bidirectional else 1)
+        _check_solve_memory(args, shape, inputs, None, device)
         network = Network.random(
             args.cell,
             input_size,
@@ -310,6 +338,33 @@ def _resolve(args: argparse.Namespace) -> tuple[Network, torch.Tensor, str]:
             )
     inputs = inputs.to(dtype=dtype, device=device)
     return network, inputs, _describe_dtype_source(args)
+
+
+def _check_solve_memory(
+    args: argparse.Namespace,
+    shape: NetworkShape,
+    inputs: torch.Tensor | None,
+    weights_dtype: torch.dtype | None,
+    device: torch.device,
+) -> None:
+    """Refuse a solve (or check) whose estimated memory exceeds what ``device`` has, before
+    the weights and inputs are built."""
+    steps, batch = (inputs.shape[0], inputs.shape[1]) if inputs is not None else (args.seq_len or 512, args.batch or 16)
+    if args.dtype:
+        dtype = DTYPES[args.dtype]
+    else:
+        dtype = weights_dtype or (inputs.dtype if inputs is not None else torch.float64)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    needed = solve_bytes(shape, steps, batch, itemsize, getattr(args, "solver", "picard"))
+    _check_memory(f"{shape.kind}, T={steps}, B={batch}, H={shape.hidden_size}, layers={shape.num_layers}", needed,
+                  device, _SIZE_OPTIONS["solve"])
+
+
+def _check_memory(what: str, needed: int, device: torch.device, lower: str) -> None:
+    try:
+        check_fits(what, needed, device)
+    except InputError as error:
+        raise InputError(f"{error}; lower {lower}") from None
 
 
 def _resolve_dtype(args: argparse.Namespace, network: Network, inputs: torch.Tensor | None) -> torch.dtype:
@@ -387,7 +442,10 @@ def _report(
         "norm": comparison.norm,
         "lipschitz_certified": _all_or_none([s.stats.lipschitz_certified for s in solutions], max),
         "lipschitz_estimated": comparison.lipschitz_estimated,
-        "predicted_iterations": sum(int(s.stats.predicted_iterations.max()) for s in solutions),
+        "predicted_iterations": _all_or_none(
+            [None if s.stats.predicted_iterations is None else int(s.stats.predicted_iterations.max()) for s in solutions],
+            sum,
+        ),
         "error_bound": _all_or_none(
             [None if s.stats.error_bound is None else float(s.stats.error_bound.max()) for s in solutions], max
         ),
@@ -451,6 +509,8 @@ def _format_table(report: dict[str, Any]) -> str:
 
 
 def _format_contraction(report: dict[str, Any]) -> str:
+    if report["norm"] is None:
+        return "not computed (--certify adds the certified bounds)"
     certified = report["lipschitz_certified"]
     estimated = report["lipschitz_estimated"]
     parts = [f"certified L {certified:.3g}" if certified is not None else "no certified L < 1"]
@@ -463,46 +523,99 @@ def _format_contraction(report: dict[str, Any]) -> str:
 
 
 class _StatusLine:
-    """One line of progress on a terminal's stderr, rewritten in place and erased when done."""
+    """One line of progress on a terminal's stderr, rewritten in place and erased when done.
+
+    It appears once the command has run for :attr:`DELAY` seconds (a timer shows the latest text
+    then, even while one long stage runs), so quick commands print nothing.
+    """
+
+    DELAY = 2.0
+
+    def __init__(self) -> None:
+        self._started = time.monotonic()
+        self._text: str | None = None
+        self._shown = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(self.DELAY, self._show_pending)
+        self._timer.daemon = True
+        self._timer.start()
 
     def show(self, text: str) -> None:
-        sys.stderr.write(f"\r{text} \033[K")
-        sys.stderr.flush()
+        with self._lock:
+            self._text = text
+            if time.monotonic() - self._started >= self.DELAY:
+                self._write(text)
+
+    def _show_pending(self) -> None:
+        with self._lock:
+            if self._text is not None:
+                self._write(self._text)
+
+    def _write(self, text: str) -> None:
+        try:
+            sys.stderr.write(f"\r{text} \033[K")
+            sys.stderr.flush()
+            self._shown = True
+        except (OSError, ValueError):  # a closed stderr: progress is not worth an error
+            pass
 
     def close(self) -> None:
-        sys.stderr.write("\r\033[K")
-        sys.stderr.flush()
+        self._timer.cancel()
+        with self._lock:
+            self._text = None
+            if self._shown:
+                self._write("")
 
 
 class _Progress(_StatusLine):
-    """A solve's iteration counter (``solve_network``'s callback)."""
+    """A solve's stage (``phase``) and iteration counter (``solve_network``'s callback)."""
 
     def __init__(self, total_steps: int) -> None:
+        super().__init__()
         self.total_steps = total_steps
+        self.stage = ""
+
+    def phase(self, description: str) -> None:
+        self.stage = description
+        self.show(description)
 
     def __call__(self, layer: int, direction: int, iteration: int, iterate: Any, image: Any) -> None:
-        self.show(f"layer {layer} direction {direction}: iteration {iteration}/{self.total_steps}")
+        self.show(f"{self.stage}: layer {layer} direction {direction}, iteration {iteration}/{self.total_steps}")
+
+
+def _progress(total_steps: int) -> _Progress | None:
+    """A status line when stderr is a terminal (with ``--json`` too: stdout stays one object)."""
+    return _Progress(total_steps) if sys.stderr.isatty() else None
 
 
 def _run_solve(args: argparse.Namespace) -> int:
     network, inputs, dtype_source = _resolve(args)
     solver = _solver(args)
-    progress = _Progress(args.max_iter or inputs.shape[0]) if sys.stderr.isatty() and not args.json else None
+    progress = _progress(args.max_iter or inputs.shape[0])
     try:
         comparison = compare_with_torch(
-            network, inputs, solver, repeats=args.repeat, max_steps=args.max_iter, callback=progress, certify=args.norm
+            network, inputs, solver, repeats=args.repeat, max_steps=args.max_iter, callback=progress,
+            certify=args.certify, phase=None if progress is None else progress.phase,
         )
     finally:
         if progress is not None:
             progress.close()
     report = _report(network, inputs, args.solver, comparison, dtype_source)
-    print(json.dumps(_json_safe(report), allow_nan=False) if args.json else _format_table(report))
+    _emit(json.dumps(_json_safe(report), allow_nan=False) if args.json else _format_table(report))
     return 0 if report["converged"] else 1
 
 
 def _run_check(args: argparse.Namespace) -> int:
     network, inputs, _ = _resolve(args)
-    checks = check_network(network, inputs, args.norm, atol=args.atol)
+    progress = _progress(inputs.shape[0])
+    try:
+        checks = check_network(
+            network, inputs, args.norm, atol=args.atol, callback=progress,
+            phase=None if progress is None else progress.phase,
+        )
+    finally:
+        if progress is not None:
+            progress.close()
     worst = lambda values: max(values) if all(v is not None for v in values) else None  # noqa: E731
     reports = [c.report for c in checks]
     order = ["contractive", "contractive on these inputs", "not certified (finite termination at T only)"]
@@ -533,7 +646,7 @@ def _run_check(args: argparse.Namespace) -> int:
         ],
     }
     if args.json:
-        print(json.dumps(_json_safe(result), allow_nan=False))
+        _emit(json.dumps(_json_safe(result), allow_nan=False))
         return 0
     estimated = "n/a" if result["estimated"] is None else f"{result['estimated']:.4g}"
     rate = "n/a" if result["observed_rate"] is None else f"{result['observed_rate']:.3g}"
@@ -549,7 +662,7 @@ def _run_check(args: argparse.Namespace) -> int:
         ("verdict", result["verdict"]),
     ]
     width = max(len(name) for name, _ in rows)
-    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    _emit("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     return 0
 
 
@@ -566,13 +679,22 @@ def _approx_teacher(args: argparse.Namespace) -> Network:
         if network.num_layers != 1 or network.bidirectional:
             raise InputError(f"{args.weights} holds a {network.num_layers}-layer network of {network.num_directions} "
                              "direction(s); the teacher must be one layer, one direction")
+        _check_approx_memory(args, network.kind, network.input_size, network.hidden_size)
         return network
     _check_random_cell(args, "choose a teacher with --cell {elman,gru}, or give --weights")
     hidden = args.hidden or 16
+    _check_approx_memory(args, args.cell, args.input_size or hidden, hidden)
     return Network.random(
         args.cell, args.input_size or hidden, hidden, nonlinearity=args.nonlinearity or "tanh",
         scale=1.0 if args.scale is None else args.scale, seed=args.seed,
     )
+
+
+def _check_approx_memory(args: argparse.Namespace, kind: str, input_size: int, hidden: int) -> None:
+    needed = approx_bytes(kind, input_size, hidden, args.seq_len, args.train_samples + args.test_samples,
+                          max(args.depths), args.heads)
+    _check_memory(f"approx with H={hidden}, T={args.seq_len}, depth {max(args.depths)}", needed, torch.device("cpu"),
+                  _SIZE_OPTIONS["approx"])
 
 
 def _run_approx(args: argparse.Namespace) -> int:
@@ -583,19 +705,19 @@ def _run_approx(args: argparse.Namespace) -> int:
         depths=args.depths, seq_len=args.seq_len, train_samples=args.train_samples, test_samples=args.test_samples,
         steps=args.steps, learning_rate=args.lr, num_heads=args.heads, seed=args.seed,
     )
-    progress = _TrainingProgress() if sys.stderr.isatty() and not args.json else None
+    progress = _TrainingProgress() if sys.stderr.isatty() else None
     try:
         result = run_approx(network.cells[0][0], settings, progress)
     finally:
         if progress is not None:
             progress.close()
     if args.json:
-        print(json.dumps(_json_safe(result), allow_nan=False))
+        _emit(json.dumps(_json_safe(result), allow_nan=False))
         return 0
     teacher = result["teacher"]
     lipschitz = "none < 1" if teacher["lipschitz_certified"] is None else f"{teacher['lipschitz_certified']:.4g}"
-    print(f"teacher {teacher['cell']}, H={teacher['hidden_size']}, I={teacher['input_size']}, T={args.seq_len}; "
-          f"certified L {lipschitz}, estimated {teacher['lipschitz_estimated']:.3g}; relative error, held out:")
+    heading = (f"teacher {teacher['cell']}, H={teacher['hidden_size']}, I={teacher['input_size']}, T={args.seq_len}; "
+               f"certified L {lipschitz}, estimated {teacher['lipschitz_estimated']:.3g}; relative error, held out:")
     columns = [("K", "depth", "{}"), ("StarSaber", "starsaber_rel_error", "{:.2e}"),
                ("random init", "starsaber_random_init_rel_error", "{:.2e}"), ("Jacobi", "jacobi_rel_error", "{:.2e}"),
                ("Anderson", "anderson_rel_error", "{:.2e}"), ("Newton", "newton_rel_error", "{:.2e}"),
@@ -605,7 +727,7 @@ def _run_approx(args: argparse.Namespace) -> int:
     for row in result["results"]:
         table.append(["n/a" if row[key] is None else form.format(row[key]) for _, key, form in columns])
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    print("\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table))
+    _emit("\n".join([heading] + ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table]))
     return 0
 
 
@@ -629,16 +751,27 @@ def _starsaber_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    lower = _SIZE_OPTIONS["train"]
+    if args.task in TASKS:  # synthetic data is drawn here: refuse an impossible size before drawing it
+        samples = args.train_samples + args.test_samples
+        _check_memory(f"{samples} sequences", 4 * samples * (args.seq_len or 33), torch.device("cpu"), lower)
     data = load_task(
         args.task, seq_len=args.seq_len, train_samples=args.train_samples, test_samples=args.test_samples,
         vocab_size=args.vocab_size, seed=args.seed,
     )
+    samples = len(data.train[1])
+    if args.batch_size > samples:
+        raise InputError(f"--batch-size {args.batch_size} exceeds the {samples} training samples of {args.task}; "
+                         f"choose at most {samples}")
+    needed = train_bytes(data.input_size or args.hidden, args.hidden, args.layers, args.heads, data.seq_len,
+                         args.batch_size, samples + len(data.test[1]), data.vocab_size)
+    _check_memory(f"training {args.model} with H={args.hidden}, {args.layers} layers", needed, torch.device("cpu"), lower)
     classifier = build_classifier(
         args.model, data.input_size or args.hidden, data.num_classes, hidden_size=args.hidden, num_layers=args.layers,
         num_heads=args.heads, causal=args.causal, max_len=data.seq_len, vocab_size=data.vocab_size, seed=args.seed,
         **_starsaber_options(args),
     )
-    progress = _EpochProgress() if sys.stderr.isatty() and not args.json else None
+    progress = _EpochProgress() if sys.stderr.isatty() else None
     try:
         result = fit(classifier, data.train, data.test, config, progress)
     finally:
@@ -655,19 +788,71 @@ def _run_train(args: argparse.Namespace) -> int:
         "losses": result.losses,
     }
     if args.json:
-        print(json.dumps(_json_safe(report), allow_nan=False))
+        _emit(json.dumps(_json_safe(report), allow_nan=False))
     else:
-        print(f"{args.model} on {args.task} (T={data.seq_len}, H={args.hidden}, {args.layers} layers, {args.heads} heads): "
+        _emit(f"{args.model} on {args.task} (T={data.seq_len}, H={args.hidden}, {args.layers} layers, {args.heads} heads): "
               f"held-out accuracy {result.accuracy:.4f}, training {result.train_accuracy:.4f}, "
               f"{result.parameters} parameters, {result.seconds:.1f} s")
     return 0
 
 
+def _emit(text: str) -> None:
+    """Write the report to stdout now, so that a full disk or a closed pipe is met here."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise OutputError("stdout was closed", quiet=True) from None
+    except OSError as error:
+        raise OutputError(f"cannot write the report to stdout: {error.strerror or first_line(error)}") from None
+
+
+def _detach_stdout() -> None:
+    """Point stdout at the null device, so that the interpreter's last flush of what could not be
+    written raises nothing at exit."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (captured in tests)
+        pass
+
+
+#: Messages of torch's allocators (CPU, CUDA) and size computations for a tensor too large to exist.
+_ALLOCATION_FAILURE = re.compile(
+    r"can't allocate memory|out of memory|not enough memory|Storage size calculation overflowed|"
+    r"invalid (?:array|tensor) size|numel: integer multiplication overflow|integer out of range",
+    re.IGNORECASE,
+)
+
+
+#: What to lower when a command runs out of memory.
+_SIZE_OPTIONS = {
+    "solve": "--seq-len, --batch, --hidden or --layers",
+    "check": "--seq-len, --batch, --hidden or --layers",
+    "approx": "--hidden, --seq-len, --train-samples, --test-samples or --depths",
+    "train": "--hidden, --layers, --batch-size, --seq-len, --train-samples or --test-samples",
+}
+
+
+def _allocation_message(error: BaseException, command: str) -> str | None:
+    """One line for an allocation failure, or None when ``error`` is something else."""
+    if not isinstance(error, (_OUT_OF_MEMORY, MemoryError, OverflowError)) and not (
+        isinstance(error, RuntimeError) and _ALLOCATION_FAILURE.search(str(error))
+    ):
+        return None
+    tried = re.search(r"tried to allocate (\d+) bytes", str(error))
+    detail = f"an allocation of {format_bytes(int(tried.group(1)))} failed" if tried else first_line(error)
+    return f"out of memory: {detail}; lower {_SIZE_OPTIONS.get(command, 'the sizes')}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fixedpoint`` command; returns the exit status."""
     keep_freed_memory()
+    command = ""
     try:
         args = build_parser().parse_args(argv)
+        command = args.command
         if args.command == "solve":
             return _run_solve(args)
         if args.command == "check":
@@ -678,10 +863,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_train(args)
         raise UsageError(f"unknown command {args.command!r}")
     except (UsageError, InputError) as error:
-        print(f"fixedpoint: error: {error}", file=sys.stderr)
+        print(f"fixedpoint: error: {first_line(error)}", file=sys.stderr)
         return 2
-    except (_OUT_OF_MEMORY, MemoryError) as error:
-        print(f"fixedpoint: error: out of memory ({first_line(error)}); lower --seq-len, --batch or --hidden", file=sys.stderr)
+    except OutputError as error:
+        _detach_stdout()
+        if not error.quiet:
+            print(f"fixedpoint: error: {error}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError, OverflowError) as error:  # torch's OutOfMemoryError is a RuntimeError
+        message = _allocation_message(error, command)
+        if message is None:
+            raise  # a defect, not an input: its traceback is what a bug report needs
+        print(f"fixedpoint: error: {message}", file=sys.stderr)
         return 2
 
 

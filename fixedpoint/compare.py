@@ -77,16 +77,27 @@ def compare_with_torch(
     max_steps: int | None = None,
     callback: Callable[..., None] | None = None,
     certify: Norm | None = None,
+    phase: Phase | None = None,
 ) -> Comparison:
     """Solve ``network`` on ``inputs`` and compare with ``network.to_torch()``.
 
     Both run once on a short prefix of the inputs first (warm-up), then ``repeats`` times each,
     alternating.  Times are medians.  The solve does not raise on non-convergence: the
     returned solution's ``result`` says how it ended.  On CUDA, TF32 is switched off for the
-    duration (matmul and cuDNN), so that float32 means float32 on both sides.
+    duration (matmul and cuDNN), so that float32 means float32 on both sides.  ``certify``
+    attaches certificates to the last repetition's solve only (their time is not the solve's);
+    ``phase`` hears what runs next, for a progress display.
     """
     with _without_tf32():
-        return _compare(network, inputs, solver, hx, repeats, max_steps, callback, certify)
+        return _compare(network, inputs, solver, hx, repeats, max_steps, callback, certify, phase or _silent)
+
+
+#: ``phase(description)``: called when a stage of a longer measurement starts.
+Phase = Callable[[str], None]
+
+
+def _silent(description: str) -> None:
+    """The default :data:`Phase`: no display."""
 
 
 @contextlib.contextmanager
@@ -109,7 +120,9 @@ def _compare(
     max_steps: int | None,
     callback: Callable[..., None] | None,
     certify: Norm | None,
+    phase: Phase,
 ) -> Comparison:
+    phase("warming up")
     module = network.to_torch()
     warm_length = min(inputs.shape[1 if network.batch_first else 0], 8)
     warm_inputs = inputs[:, :warm_length] if network.batch_first else inputs[:warm_length]
@@ -120,18 +133,24 @@ def _compare(
     reference_times: list[float] = []
     solution = None
     reference = None
-    for _ in range(repeats):
+    for repeat in range(repeats):
         # Release the previous results first, so both sides draw on the same freed memory
         # instead of one of them paying fresh page faults for its (T, B, H) output.
         solution = reference = None
+        last = repeat == repeats - 1
+        counter = f" (repetition {repeat + 1} of {repeats})" if repeats > 1 else ""
+        phase(f"{'certifying and solving' if last and certify else 'solving'}{counter}")
         solution = solve_network(
-            network, inputs, hx, solver, max_steps=max_steps, throw=False, callback=callback, certify=certify
+            network, inputs, hx, solver, max_steps=max_steps, throw=False, callback=callback,
+            certify=certify if last else None,
         )
         solver_times.append(solution.wall_time)
+        phase(f"running torch.nn{counter}")
         reference, seconds = _timed(lambda: run_reference(module, inputs, hx), inputs.device)
         reference_times.append(seconds)
     estimated = None
     if certify is not None and solution.converged:
+        phase("estimating ‖J_t‖ along the solution")
         norms = [
             estimated_step_norms(s.system, s.value, certify)[1:] for s in solution.solutions if s.system.seq_len > 1
         ]
@@ -170,20 +189,31 @@ class LayerCheck:
 
 
 def check_network(
-    network: Network, inputs: Tensor, norm: Norm = "2", *, atol: float | None = None, hx: Any = None
+    network: Network,
+    inputs: Tensor,
+    norm: Norm = "2",
+    *,
+    atol: float | None = None,
+    hx: Any = None,
+    callback: Callable[..., None] | None = None,
+    phase: Phase | None = None,
 ) -> list[LayerCheck]:
     """Contraction reports for every layer and direction of ``network`` on ``inputs (T, B, I)``.
 
     Every layer is solved by Picard to ``atol`` (default: the dtype's; ``rtol = 0``), which
     gives the observed rate and iteration count; layer ``l + 1`` is analysed on the outputs of
-    layer ``l``, and the estimates are taken along the solution.
+    layer ``l``, and the estimates are taken along the solution.  ``callback`` is the solve's
+    (:func:`~fixedpoint.solve.solve_network`); ``phase`` hears what runs next.
     """
+    phase = phase or _silent
     if atol is None:
         atol = DEFAULT_TOLERANCES[network.dtype][1]
-    solution = solve_network(network, inputs, hx, Picard(rtol=0.0, atol=atol))
+    phase("solving by Picard iteration")
+    solution = solve_network(network, inputs, hx, Picard(rtol=0.0, atol=atol), callback=callback)
     checks = []
     for layer_index, layer in enumerate(solution.layers):
         for direction, single in enumerate(layer):
+            phase(f"certifying layer {layer_index} direction {direction}")
             report = analyze(single.system, norm, atol=atol, states=single.value)
             checks.append(LayerCheck(layer_index, direction, report, single.stats.rate, single.stats.iterations))
     return checks

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from fixedpoint.cells import CELL_TYPES, SUPPORTED_DTYPES, Cell, ElmanCell
-from fixedpoint.errors import InputError, first_line
+from fixedpoint.errors import InputError
+from fixedpoint.files import load_torch_file
 
 TORCH_MODULES: dict[str, type[nn.RNNBase]] = {"elman": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 _KIND_OF_MODULE = {nn.RNN: "elman", nn.GRU: "gru", nn.LSTM: "lstm"}
@@ -293,19 +294,7 @@ def load_network(
     converts the weights.  Loading a whole module needs torch ≥ 2.5 (``safe_globals``); a
     ``state_dict`` loads on any supported torch.
     """
-    if not os.path.isfile(path):
-        raise InputError(f"weights file not found: {path}")
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
-    try:
-        if safe_globals is None:  # torch < 2.5: state_dicts only
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            with safe_globals([nn.RNN, nn.GRU, nn.LSTM]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for unreadable files
-        raise InputError(
-            f"cannot read {path} as a torch.save file of an RNN/GRU/LSTM module or state_dict: {first_line(error)}"
-        ) from error
+    obj = load_torch_file(path, "weights", "an RNN/GRU/LSTM module or state_dict", (nn.RNN, nn.GRU, nn.LSTM))
     if isinstance(obj, nn.Module):
         if dtype is not None:
             obj = obj.to(dtype)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,7 +85,11 @@ def test_human_table(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert re.search(r"^converged\s+yes$", out, re.MULTILINE) and "against torch.nn.LSTM" in out
-    assert re.search(r"^contraction\s+.*predicted Picard iterations \d+", out, re.MULTILINE)
+    assert re.search(r"^contraction\s+not computed \(--certify", out, re.MULTILINE)
+    code = main(["solve", "--cell", "lstm", "--seq-len", "20", "--batch", "2", "--hidden", "4", "--certify"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"^contraction\s+.*predicted Picard iterations \d+ \(2-norm\)$", out, re.MULTILINE)
 
 
 def test_weights_and_inputs_files(capsys, tmp_path):
@@ -236,12 +243,174 @@ def test_check_json_contract(capsys, cell, norm):
         assert report["global_bound"] >= 1  # no uniform contraction for gated cells
 
 
-def test_solve_reports_certificates(capsys):
-    code, report = run_json(capsys, "--cell", "elman", "--scale", "0.5", "--seq-len", "60", "--batch", "3", "--hidden", "8")
-    assert code == 0 and report["norm"] == "2"
+@pytest.mark.parametrize("norm", ["2", "inf"])
+def test_solve_reports_certificates_when_asked(capsys, norm):
+    problem = ["--cell", "elman", "--scale", "0.5", "--seq-len", "60", "--batch", "3", "--hidden", "8"]
+    code, report = run_json(capsys, *problem, "--certify", norm)
+    assert code == 0 and report["norm"] == norm
     assert report["lipschitz_certified"] is not None and report["lipschitz_certified"] < 1
     assert report["lipschitz_estimated"] <= report["lipschitz_certified"]
     assert report["iterations"] <= report["predicted_iterations"]
     assert report["max_abs_diff"] <= report["error_bound"] + 1e-15  # the certified bound holds
-    code, report = run_json(capsys, "--cell", "lstm", "--seq-len", "30", "--batch", "2", "--hidden", "4")
+    code, report = run_json(capsys, "--cell", "lstm", "--seq-len", "30", "--batch", "2", "--hidden", "4", "--certify", norm)
     assert report["lipschitz_certified"] is None and report["error_bound"] is None
+    assert report["predicted_iterations"] >= 1 and report["lipschitz_estimated"] is not None
+
+
+def test_certificates_are_off_by_default(capsys):
+    code, report = run_json(capsys, "--cell", "elman", "--scale", "0.5", "--seq-len", "60", "--batch", "3", "--hidden", "8")
+    assert code == 0
+    for key in ("norm", "lipschitz_certified", "lipschitz_estimated", "predicted_iterations", "error_bound"):
+        assert report[key] is None, key
+    assert "invalid choice" in run_error(capsys, "--cell", "gru", "--certify", "1")
+
+
+# -- inputs that must never reach the allocator, and outputs that cannot be written -------------------
+def run_command_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    """``main(argv)`` exits 2 with one line on stderr, nothing on stdout, within a second."""
+    started = time.perf_counter()
+    code = main(list(argv))
+    seconds = time.perf_counter() - started
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert seconds < 1.0, seconds
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["solve", "--cell", "gru", "--seq-len", "1000000000"],
+        ["solve", "--cell", "gru", "--hidden", "1000000"],
+        ["solve", "--cell", "gru", "--batch", "1000000000"],
+        ["solve", "--cell", "lstm", "--seq-len", str(2**63 - 1)],
+        ["solve", "--cell", "elman", "--input-size", "1000000000"],
+        ["check", "--cell", "gru", "--hidden", "1000000"],
+        ["approx", "--cell", "gru", "--hidden", "1000000"],
+        ["approx", "--cell", "elman", "--seq-len", "1000000"],
+        ["train", "--model", "starsaber", "--task", "first", "--hidden", "1000000"],
+        ["train", "--model", "transformer", "--task", "parity", "--train-samples", "1000000000000"],
+    ],
+    ids=["solve-T", "solve-H", "solve-B", "solve-T-max", "solve-I", "check-H", "approx-H", "approx-T", "train-H",
+         "train-samples"],
+)
+def test_impossible_sizes_are_refused_before_allocating(capsys, argv):
+    """The estimate refuses them at once, naming what it needs and what to lower."""
+    line = run_command_error(capsys, *argv)
+    assert re.search(r"needs about [\d.e+]+ [KMGTPE]iB of memory, and [\d.]+ [KMGTPE]?i?B are available; lower --", line), line
+
+
+def test_layer_count_is_bounded(capsys):
+    line = run_command_error(capsys, "solve", "--cell", "elman", "--layers", "1000000", "--hidden", "8", "--seq-len", "4")
+    assert "--layers" in line and "[1, 1000]" in line
+
+
+def test_batch_size_larger_than_the_data_is_refused(capsys):
+    line = run_command_error(capsys, "train", "--model", "starsaber", "--task", "first", "--batch-size", "1000000000",
+                             "--train-samples", "64", "--test-samples", "16")
+    assert "--batch-size 1000000000 exceeds the 64 training samples" in line
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 8192000000000 bytes. Error code 12 (Cannot allocate memory)",
+        "Storage size calculation overflowed with sizes=[9223372036854775807, 16, 64]",
+        "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79 GiB\nmore lines",
+    ],
+    ids=["cpu-allocator", "overflow", "cuda"],
+)
+def test_allocation_failures_past_the_estimate_are_one_line(capsys, monkeypatch, message):
+    """Work the estimate lets through can still fail to allocate (other processes took the
+    memory): every allocator's failure is one line that says what to lower."""
+    def fail(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr("fixedpoint.cli.compare_with_torch", fail)
+    line = run_command_error(capsys, "solve", "--cell", "gru", "--seq-len", "8", "--hidden", "4")
+    assert line.startswith("fixedpoint: error: out of memory") and "lower --seq-len" in line
+    if "8192000000000" in message:
+        assert "an allocation of 7.45 TiB failed" in line
+
+
+def test_a_defect_keeps_its_traceback(monkeypatch):
+    """A RuntimeError that is not an allocation failure is a bug, not bad input: it propagates."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("shape mismatch inside the solver")
+
+    monkeypatch.setattr("fixedpoint.cli.compare_with_torch", fail)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["solve", "--cell", "gru", "--seq-len", "8", "--hidden", "4"])
+
+
+class _ExecutesCode:
+    def __reduce__(self):
+        return (os.getpid, ())  # harmless, but code all the same
+
+
+def test_files_that_are_not_weights(capsys, tmp_path):
+    pickle_with_code = tmp_path / "code.pt"
+    torch.save({"weight_hh_l0": _ExecutesCode()}, pickle_with_code)
+    line = run_command_error(capsys, "solve", "--weights", str(pickle_with_code))
+    assert re.search(r"refers to Python objects other than tensors \((posix|nt)\.getpid\)", line) and "refused" in line
+    text = tmp_path / "notes.pt"
+    text.write_text("hello\n")
+    assert "is not a torch.save file; expected an RNN/GRU/LSTM" in run_command_error(capsys, "solve", "--weights", str(text))
+    assert "is not a torch.save file; expected a (T, B, input_size) tensor" in run_command_error(
+        capsys, "solve", "--cell", "gru", "--inputs", str(text)
+    )
+
+
+def _run_cli(argv: list[str], **options) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fixedpoint", *argv], capture_output=True, text=True, timeout=120,
+                          **options)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_full_disk_is_one_line():
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "fixedpoint", "solve", "--cell", "gru", "--seq-len", "8", "--hidden", "4", "--json"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["fixedpoint: error: cannot write the report to stdout: No space left on device"]
+
+
+def test_closed_pipe_is_quiet():
+    reader, writer = os.pipe()
+    os.close(reader)  # nobody reads: the first write meets EPIPE, as under `fixedpoint ... | head -0`
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "fixedpoint", "solve", "--cell", "gru", "--seq-len", "8", "--hidden", "4", "--json"],
+            stdout=writer, stderr=subprocess.PIPE, text=True, timeout=120,
+        )
+    finally:
+        os.close(writer)
+    assert result.returncode == 2 and result.stderr == ""
+
+
+def test_status_line_waits_before_it_shows(monkeypatch):
+    """Progress appears only for work that runs past the delay, and is erased when done."""
+    import io
+
+    from fixedpoint import cli
+
+    stream = io.StringIO()
+    monkeypatch.setattr(cli.sys, "stderr", stream)
+    monkeypatch.setattr(cli._StatusLine, "DELAY", 0.2)
+    quick = cli._Progress(10)
+    quick.phase("solving")
+    quick.close()
+    assert stream.getvalue() == ""
+    slow = cli._Progress(10)
+    slow.phase("certifying layer 0 direction 0")  # one long stage: the timer shows it
+    time.sleep(0.5)
+    assert "certifying layer 0 direction 0" in stream.getvalue()
+    slow(0, 0, 3, None, None)
+    assert "iteration 3/10" in stream.getvalue()
+    slow.close()
+    assert stream.getvalue().endswith("\r\033[K") or stream.getvalue().endswith("\r \033[K")
