@@ -26,7 +26,7 @@ bench: $(STAMP)
 	$(PY) analysis/bench.py
 
 # Seeded fuzzing of every solver, fixedpoint.nn and the command line against torch.nn: writes
-# docs/reliability.md (about 15 min on 2 cores); a 50-case slice runs in `make test` (tests/test_fuzz.py)
+# docs/reliability.md (about 3 min on 2 cores); a 50-case slice runs in `make test` (tests/test_fuzz.py)
 fuzz: $(STAMP)
 	$(PY) analysis/fuzz.py
 

@@ -186,7 +186,8 @@ def judge(
             # An answer this close to the largest float: whether a sum overflows on the way
             # depends on its order, so neither side is the solution's proof.
             return Verdict(ILL_CONDITIONED, math.inf, math.inf, math.inf, math.inf, math.nan,
-                           f"the loop overflows; the solver's finite answer reaches {largest:.3g}, at the edge of the range")
+                           f"the loop overflows; the solver's finite answer reaches {largest:.3g}, "
+                           "at the edge of the range")
         # The recurrence overflows in this dtype: a finite "solution" far from the edge is not the solution.
         return Verdict(SILENT, math.inf, math.inf, math.inf, math.inf, math.nan,
                        f"the loop overflows, but the solver reports a finite success (largest value {largest:.3g})")
@@ -211,7 +212,7 @@ def judge(
                   tolerance_ratio=tolerance_ratio, conditioning=conditioning, permuted_diff=permuted_diff)
     if not (like_loop or within_tolerance):
         return Verdict(SILENT, **values, reason=(
-            f"max|diff| {solver_diff:.3g} > 10× the loop's {spread:.3g}, and {tolerance_ratio:.3g}× the "
+            f"max|diff| {solver_diff:.3g} > 10× the rounding spread {spread:.3g}, and {tolerance_ratio:.3g}× the "
             f"tolerance > κ = {conditioning:.3g}"))
     if tolerance_ratio <= 1 or solver_diff <= 10 * unit * magnitude:
         return Verdict(EXACT, **values)
@@ -602,7 +603,8 @@ def draw_module_case(seed: int) -> ModuleCase:
     return ModuleCase(
         name=f"nn:{seed}", module=module, dtype="float64" if rng.random() < 0.8 else "float32",
         solver=solver, adjoint=adjoint, seq_len=log_uniform_int(rng, 1, 200), batch=rng.choice((1, 2, 3, 4)),
-        input_size=log_uniform_int(rng, 1, 16), hidden=log_uniform_int(rng, 1, 8 if solver in FULL_JACOBIAN_SOLVERS else 16),
+        input_size=log_uniform_int(rng, 1, 16),
+        hidden=log_uniform_int(rng, 1, 8 if solver in FULL_JACOBIAN_SOLVERS else 16),
         layers=rng.choice((1, 1, 2)), bidirectional=rng.random() < 0.3, batch_first=rng.random() < 0.5,
         bias=rng.random() < 0.8, unbatched=rng.random() < 0.15, with_hx=rng.random() < 0.5,
         scale=log_uniform(rng, 0.1, 3.0), weight_seed=weight_seed, input_seed=weight_seed + 1,
@@ -705,11 +707,13 @@ def cli_cases() -> list[CliCase]:
         case("solve-hidden-1e6", "solve", "--cell", "gru", "--hidden", "1000000", fast=False),
         case("solve-batch-1e9", "solve", "--cell", "gru", "--batch", "1000000000", fast=False),
         case("solve-seq-len-int64-max", "solve", "--cell", "gru", "--seq-len", "9223372036854775807", fast=False),
-        case("solve-layers-1e6", "solve", "--cell", "elman", "--layers", "1000000", "--hidden", "8", "--seq-len", "4", fast=False),
+        case("solve-layers-1e6", "solve", "--cell", "elman", "--layers", "1000000", "--hidden", "8", "--seq-len", "4",
+             fast=False),
         case("check-hidden-1e6", "check", "--cell", "gru", "--hidden", "1000000", fast=False),
         case("approx-hidden-1e6", "approx", "--cell", "gru", "--hidden", "1000000", fast=False),
         case("train-hidden-1e6", "train", "--model", "starsaber", "--task", "first", "--hidden", "1000000", fast=False),
-        case("train-batch-size-1e9", "train", "--model", "starsaber", "--task", "first", "--batch-size", "1000000000", fast=False),
+        case("train-batch-size-1e9", "train", "--model", "starsaber", "--task", "first", "--batch-size", "1000000000",
+             fast=False),
         # output channels that fail
         case("json-to-dev-full", *SMALL_SOLVE, "--json", stdout="full"),
         case("text-to-dev-full", *SMALL_SOLVE, stdout="full"),
@@ -752,7 +756,8 @@ def cli_cases() -> list[CliCase]:
         case("weights-with-scale", "solve", "--weights", "{gru}", "--scale", "2"),
         case("weights-with-other-cell", "solve", "--weights", "{gru}", "--cell", "lstm"),
         case("weights-with-other-hidden", "solve", "--weights", "{gru}", "--hidden", "5"),
-        case("inputs-with-other-seq-len", "solve", "--cell", "gru", "--hidden", "4", "--inputs", "{tensor}", "--seq-len", "9"),
+        case("inputs-with-other-seq-len", "solve", "--cell", "gru", "--hidden", "4", "--inputs", "{tensor}",
+             "--seq-len", "9"),
     ] + ([] if torch.cuda.is_available() else [case("cuda-without-cuda", *SMALL_SOLVE, "--device", "cuda")])
 
 
@@ -861,6 +866,8 @@ def run_cli_case(
 ) -> Outcome:
     argv = [argument.format(**files) if "{" in argument else argument for argument in case.argv]
     status, stderr, seconds = run_cli(argv, case.stdout, timeout=timeout, memory_bytes=memory_bytes, threads=threads)
+    # The report names the case's files by their folder's placeholder, not this machine's paths.
+    stderr = stderr.replace(os.path.dirname(files["text"]), "FILES").replace(str(ROOT), ".")
     klass, detail = classify_cli(case, status, stderr, seconds, startup)
     params = {"argv": " ".join(case.argv), "stdout": case.stdout}
     metrics = {"exit": status, "stderr_lines": len(stderr.strip().splitlines()), "wall": seconds, "startup": startup}
@@ -907,12 +914,15 @@ def number(value: Any) -> str:
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    escaped = [cell.replace("|", "\\|") for cell in header]
+    lines = ["| " + " | ".join(escaped) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
     return lines
 
 
-def count_table(outcomes: Sequence[Outcome], key: Callable[[Outcome], str], keys: Sequence[str], classes: Sequence[str], title: str) -> list[str]:
+def count_table(
+    outcomes: Sequence[Outcome], key: Callable[[Outcome], str], keys: Sequence[str], classes: Sequence[str], title: str
+) -> list[str]:
     """Cases per ``key`` (rows, in ``keys`` order) and class (columns)."""
     rows = []
     for name in keys:
@@ -952,7 +962,8 @@ def module_rows(outcomes: Sequence[Outcome]) -> list[list[Any]]:
     for o in outcomes:
         p, m = o.params, o.metrics
         layout = ("batch_first" if p["batch_first"] else "(T, B, I)") if not p["unbatched"] else "unbatched"
-        sizes = f"{p['seq_len']}×{p['batch']}×{p['input_size']}→{p['hidden']}, {p['layers']} {'bi' if p['bidirectional'] else 'uni'}"
+        directions = "bi" if p["bidirectional"] else "uni"
+        sizes = f"{p['seq_len']}×{p['batch']}×{p['input_size']}→{p['hidden']}, {p['layers']} {directions}"
         rows.append([f"`{o.name}`", SHORT_NAMES.get(o.klass, o.klass), p["module"], p["dtype"], p["solver"], p["adjoint"],
                      sizes, layout, number(m.get("forward_solver_diff")), number(m.get("gradient_solver_diff")),
                      number(m.get("tolerance_ratio")), number(m.get("conditioning")), o.detail])
@@ -968,12 +979,14 @@ def markdown(outcomes: Sequence[Outcome], info: dict[str, Any], settings: dict[s
     solves = [o for o in outcomes if o.part == "solve"]
     modules = [o for o in outcomes if o.part == "nn"]
     commands = [o for o in outcomes if o.part == "cli"]
+    invocation = " ".join(["python analysis/fuzz.py", settings["command"]]).strip()
     lines = [
         "# Reliability: seeded fuzzing against torch.nn", "",
-        f"Generated by `make fuzz` (`{' '.join(['python analysis/fuzz.py', settings['command']]).strip()}`) on {info['date']}: "
+        f"Generated by `make fuzz` (`{invocation}`) on {info['date']}: "
         f"{info['platform']}, {info['cpu']} ({info['cores']} cores), Python {info['python']}, torch {info['torch']} "
         f"with {info['torch_threads']} thread(s); wall time {settings['wall']:.0f} s "
-        f"(solve {settings['solve_wall']:.0f} s, modules {settings['nn_wall']:.0f} s, command line {settings['cli_wall']:.0f} s).",
+        f"(solve {settings['solve_wall']:.0f} s, modules {settings['nn_wall']:.0f} s, "
+        f"command line {settings['cli_wall']:.0f} s).",
         "",
         "Every case replays alone: `python analysis/fuzz.py --seed N` (a solve case), `--seed nn:N`, "
         "`--seed cli:NAME` or `--seed regression:NAME` prints its parameters, measurements and class.",
@@ -1026,17 +1039,21 @@ def markdown(outcomes: Sequence[Outcome], info: dict[str, Any], settings: dict[s
     ]
     lines += ["## 2. Summary", ""]
     summary_rows = []
-    for part, chosen, classes in (("solve", solves, SOLVE_CLASSES), ("nn", modules, SOLVE_CLASSES), ("command line", commands, CLI_CLASSES)):
+    parts = (("solve", solves, SOLVE_CLASSES), ("nn", modules, SOLVE_CLASSES), ("command line", commands, CLI_CLASSES))
+    for part, chosen, classes in parts:
         if chosen:
-            counts = ", ".join(f"{SHORT_NAMES.get(k, k)} {n}" for k in classes if (n := sum(o.klass == k for o in chosen)))
+            counts = ", ".join(
+                f"{SHORT_NAMES.get(k, k)} {n}" for k in classes if (n := sum(o.klass == k for o in chosen))
+            )
             summary_rows.append([part, len(chosen), counts, sum(o.miss for o in chosen)])
     lines += table(["part", "cases", "per class", "real misses"], summary_rows) + [""]
     if REGRESSIONS and solves:
-        lines += [f"The solve cases include {len(REGRESSIONS)} named regression(s) ({', '.join(f'`regression:{n}`' for n in REGRESSIONS)}) "
-                  "besides the seeded ones.", ""]
+        names = ", ".join(f"`regression:{name}`" for name in REGRESSIONS)
+        lines += [f"The solve cases include {len(REGRESSIONS)} named regression(s) ({names}) besides the seeded ones.", ""]
     if solves:
         seconds = [o.seconds for o in solves]
-        lines += [f"Solve cases took {statistics.mean(seconds):.2f} s on average (median {statistics.median(seconds):.2f} s, "
+        lines += [f"Solve cases took {statistics.mean(seconds):.2f} s on average "
+                  f"(median {statistics.median(seconds):.2f} s, "
                   f"longest {max(seconds):.1f} s).", ""]
         lines += ["## 3. Solve cases", "", "Per solver:", ""]
         lines += count_table(solves, lambda o: o.params["solver"], SOLVER_NAMES, SOLVE_CLASSES, "solver") + [""]
@@ -1055,11 +1072,12 @@ def markdown(outcomes: Sequence[Outcome], info: dict[str, Any], settings: dict[s
     lines += ["## 6. Every case that is not exact", ""]
     solve_misses = [o for o in solves if o.miss]
     module_misses = [o for o in modules if o.miss]
-    columns = [*SOLVE_HEADER, "max\\|diff\\|", "loop_diff", "tol. ratio", "κ", "detail"]
+    columns = [*SOLVE_HEADER, "max|diff|", "loop_diff", "tol. ratio", "κ", "detail"]
     lines += [f"### Real misses: {len(solve_misses)} solve, {len(module_misses)} module, "
               f"{sum(o.miss for o in commands)} command-line (in the command-line table above)", ""]
     if solve_misses:
         lines += table(columns, solve_rows(solve_misses)) + [""]
+        lines += miss_summary(solve_misses)
     if module_misses:
         lines += table(MODULE_HEADER, module_rows(module_misses)) + [""]
     if not (solve_misses or module_misses):
@@ -1079,6 +1097,27 @@ def markdown(outcomes: Sequence[Outcome], info: dict[str, Any], settings: dict[s
     if ill_modules:
         lines += table(MODULE_HEADER, module_rows(ill_modules)) + [""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def miss_summary(misses: Sequence[Outcome]) -> list[str]:
+    """What the silent solve cases have in common, from their measurements."""
+    silent = [o for o in misses if o.klass == SILENT and "final_residual" in o.metrics]
+    if not silent:
+        return []
+
+    def span(key: str) -> str:
+        values = [o.metrics[key] for o in silent]
+        return f"{min(values):.3g}–{max(values):.3g}"
+
+    stopped = sum(0 < o.metrics["final_residual"] < 1 for o in silent)
+    return [
+        f"Of the {len(silent)} silent solve cases, {stopped} stopped on the termination test (final scaled residual "
+        f"below 1; range {span('final_residual')}), with tolerance ratios {span('tolerance_ratio')} and median "
+        f"‖J_t‖₂ {span('median_jacobian_norm')} along the solution.  The test bounds the residual "
+        "`|F(X) − X|`, not the error: at contraction rate `L` a residual `ρ` tolerances leaves an error of up to "
+        "`L/(1 − L)·ρ` tolerances.",
+        "",
+    ]
 
 
 def write_report(path: Path, generated: str) -> None:
@@ -1208,10 +1247,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start-seed", type=int, default=0, help="first seed of both (default 0)")
     parser.add_argument("--seed", help="replay one case and print it: N, nn:N, cli:NAME or regression:NAME")
     parser.add_argument("--no-cli", action="store_true", help="skip the command-line matrix")
-    parser.add_argument("--cli-timeout", type=float, default=20.0, help="seconds before a command counts as a hang (default 20)")
-    parser.add_argument("--cli-memory-gb", type=float, default=8.0, help="address-space limit of each command (default 8 GiB)")
+    parser.add_argument("--cli-timeout", type=float, default=20.0,
+                        help="seconds before a command counts as a hang (default 20)")
+    parser.add_argument("--cli-memory-gb", type=float, default=8.0,
+                        help="address-space limit of each command (default 8 GiB)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: a replay rounds alike on any machine, and no thread waits for a busy core)")
+                        help="torch threads (default 1: a replay rounds alike on any machine, "
+                        "and no thread waits for a busy core)")
     parser.add_argument("--json", metavar="PATH", help="also write every case's parameters and measurements as JSON")
     parser.add_argument("--report", default=str(REPORT), help=f"the Markdown report (default {REPORT.relative_to(ROOT)})")
     return parser
@@ -1243,7 +1285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = [o for o in outcomes if o.part == part]
         if chosen:
             counts = {k: sum(o.klass == k for o in chosen) for k in dict.fromkeys(o.klass for o in chosen)}
-            print(f"{part}: {len(chosen)} cases: " + ", ".join(f"{SHORT_NAMES.get(k, k)} {n}" for k, n in counts.items()))
+            listed = ", ".join(f"{SHORT_NAMES.get(k, k)} {n}" for k, n in counts.items())
+            print(f"{part}: {len(chosen)} cases: {listed}")
     for o in outcomes:
         if o.miss:
             print(f"  miss {o.name}: {o.klass}: {o.detail}")
