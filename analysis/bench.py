@@ -9,17 +9,17 @@ warm-up; times are medians (DESIGN §5) and the ratio is method ÷ torch.nn (< 1
 beside the device's measured copy bandwidth.
 
 The training pass (``--pass train``) times forward + backward of :mod:`fixedpoint.nn`'s module
-against the ``torch.nn`` module (cuDNN on CUDA) on the same sizes: ``loss = Σ w ⊙ output`` with
-fixed weights ``w``, gradients for the inputs and every parameter; max |diff| is over those
-gradients.
+against the ``torch.nn`` module (cuDNN on CUDA) on the same sizes, in float32 and (on a CPU) in
+float64: ``loss = Σ w ⊙ output`` with fixed weights ``w``, gradients for the inputs and every
+parameter; max |diff| is over those gradients.
 
 Writes ``docs/benchmarks.json`` (results of earlier runs on other devices or passes are kept)
 and ``docs/benchmarks.md``.
 
     python analysis/bench.py [--device cpu|cuda] [--pass forward|train|all] [--quick] [--out docs]
-                             [--cells gru,lstm] [--hiddens 8,64] [--seq-lens 512,32768]
+                             [--cells gru,lstm] [--hiddens 8,64] [--seq-lens 512,32768] [--dtypes float64]
 
-A subset (``--cells``, ``--hiddens``, ``--seq-lens``) replaces its own rows and keeps the other rows
+A subset (``--cells``, ``--hiddens``, ``--seq-lens``, ``--dtypes``) replaces its own rows and keeps the other rows
 of that section, so a long run can be split into shorter ones; it refuses a section measured on
 another device or plan (``--quick``).  The section's date spans the runs.  The files are rewritten
 after every job: a run cut short keeps what it measured beside the earlier rows it has not reached.
@@ -91,8 +91,12 @@ def plan_train(device: str, quick: bool) -> list[dict]:
     if device == "cuda" and not quick:
         seq_lens += (131072,)
     methods = ["torch.nn", "nn-auto"] + (["nn-quasi-newton"] if device == "cuda" else [])
+    # float64 on a CPU, where the adjoint's default is chosen per dtype by these rows (docs/adjoint.md §5)
+    dtypes = ("float32",) if device == "cuda" else ("float32", "float64")
     return [
-        {"cell": cell, "hidden": hidden, "seq_len": seq_len, "method": method, "device": device, "pass": "train"}
+        {"cell": cell, "hidden": hidden, "seq_len": seq_len, "method": method, "device": device, "pass": "train",
+         "dtype": dtype}
+        for dtype in dtypes
         for cell in CELLS
         for hidden in hiddens
         for seq_len in seq_lens
@@ -145,13 +149,14 @@ def run_train(job: dict) -> dict:
     alternating timed runs of the method and torch.nn."""
     keep_freed_memory()
     device = torch.device(job["device"])
+    dtype = getattr(torch, job["dtype"])
     torch.manual_seed(0)
-    reference = Network.random(job["cell"], job["hidden"], job["hidden"], seed=0, dtype=torch.float32).to(device=device)
+    reference = Network.random(job["cell"], job["hidden"], job["hidden"], seed=0, dtype=dtype).to(device=device)
     reference = reference.to_torch()
-    inputs = gaussian_inputs(job["seq_len"], BATCH, job["hidden"], seed=1, dtype=torch.float32).to(device)
+    inputs = gaussian_inputs(job["seq_len"], BATCH, job["hidden"], seed=1, dtype=dtype).to(device)
     weights = torch.linspace(-1.0, 1.0, inputs.numel() // job["hidden"] * job["hidden"], device=device).view_as(inputs)
     repeats = 5 if job["seq_len"] <= 4096 else 3
-    row = dict(job, dtype="float32", batch=BATCH, repeats=repeats)
+    row = dict(job, batch=BATCH, repeats=repeats)
 
     def gradients(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         x = x.detach().requires_grad_()
@@ -184,7 +189,7 @@ def run_train(job: dict) -> dict:
         ratio=statistics.median(ours) / statistics.median(theirs),
         max_rel_diff=difference,
     )
-    if job["seq_len"] <= 4096:  # both float32 results against float64 torch.nn
+    if job["seq_len"] <= 4096 and dtype == torch.float32:  # both float32 results against float64 torch.nn
         exact = gradients(_float64(reference), inputs.double())
         row["rel_error"] = _relative_error(gradients(module, inputs), exact)
         row["reference_rel_error"] = _relative_error(gradients(reference, inputs), exact)
@@ -281,7 +286,7 @@ def markdown_train(result: dict) -> str:
     lines = [
         f"### Training pass (forward + backward): {result['device_name']} — {result['date']}",
         "",
-        f"float32, B = {BATCH}, torch.nn default initialisation; gradients of Σ w ⊙ output for the inputs and "
+        f"B = {BATCH}, torch.nn default initialisation; gradients of Σ w ⊙ output for the inputs and "
         f"every parameter. Ratio = fixedpoint.nn ÷ torch.nn in the same process, alternating (< 1 is faster); "
         f"rel diff = max over the gradients of max |diff| ÷ max |torch.nn's gradient|; rel error: the same "
         f"against torch.nn in float64 (T ≤ 4096), for both float32 results; peak = memory the pass adds "
@@ -289,16 +294,16 @@ def markdown_train(result: dict) -> str:
         f"by `auto`; `nn-quasi-newton`: quasi-Newton forward; backward: what ran (`fused`: torch.nn's own "
         f"backward through its kernel; otherwise the adjoint recurrence's method).",
         "",
-        "| cell | H | T | method | backward | rel diff | rel error | torch.nn rel error | seconds | torch.nn s | ratio | peak MiB | torch.nn MiB |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dtype | cell | H | T | method | backward | rel diff | rel error | torch.nn rel error | seconds | torch.nn s | ratio | peak MiB | torch.nn MiB |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    reference = {(r["cell"], r["hidden"], r["seq_len"]): r for r in result["rows"] if r["method"] == "torch.nn"}
+    reference = {job_key(dict(r, method="")): r for r in result["rows"] if r["method"] == "torch.nn"}
     for row in result["rows"]:
         if row["method"] == "torch.nn":
             continue
-        base = reference.get((row["cell"], row["hidden"], row["seq_len"]), {})
+        base = reference.get(job_key(dict(row, method="")), {})
         lines.append(
-            f"| {row['cell']} | {row['hidden']} | {row['seq_len']} | {row['method']} | {row.get('backward', '')} | "
+            f"| {_dtype(row)} | {row['cell']} | {row['hidden']} | {row['seq_len']} | {row['method']} | {row.get('backward', '')} | "
             f"{row['max_rel_diff']:.1e} | "
             f"{_maybe(row.get('rel_error'))} | {_maybe(row.get('reference_rel_error'))} | {row['seconds']:.4f} | {row['reference_seconds']:.4f} | {row['ratio']:.2f} | {row['peak_mib']:.1f} | "
             f"{base.get('peak_mib', float('nan')):.1f} |"
@@ -320,13 +325,19 @@ def run_job(job: dict) -> dict:
 
 
 def job_key(job: dict) -> tuple:
-    return job["cell"], job["hidden"], job["seq_len"], job["method"]
+    return _dtype(job), job["cell"], job["hidden"], job["seq_len"], job["method"]
+
+
+def _dtype(job: dict) -> str:
+    """A job's dtype; rows written before the plan had float64 were float32."""
+    return job.get("dtype", "float32")
 
 
 def selected(job: dict, args: argparse.Namespace) -> bool:
-    """Whether ``job`` is in the subset that ``--cells``, ``--hiddens`` and ``--seq-lens`` name."""
+    """Whether ``job`` is in the subset that ``--cells``, ``--hiddens``, ``--seq-lens`` and ``--dtypes`` name."""
     return (
-        (args.cells is None or job["cell"] in args.cells)
+        (args.dtypes is None or _dtype(job) in args.dtypes)
+        and (args.cells is None or job["cell"] in args.cells)
         and (args.hiddens is None or job["hidden"] in args.hiddens)
         and (args.seq_lens is None or job["seq_len"] in args.seq_lens)
     )
@@ -356,6 +367,14 @@ def _integers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _dtypes(text: str) -> tuple[str, ...]:
+    dtypes = tuple(text.split(","))
+    unknown = [dtype for dtype in dtypes if dtype not in ("float32", "float64")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown dtype {unknown[0]!r}: choose from float32, float64")
+    return dtypes
+
+
 def _cells(text: str) -> tuple[str, ...]:
     cells = tuple(text.split(","))
     unknown = [cell for cell in cells if cell not in CELLS]
@@ -372,6 +391,7 @@ def main() -> None:
     parser.add_argument("--cells", type=_cells, help="run only these cells (comma-separated); adds to the section")
     parser.add_argument("--hiddens", type=_integers, help="run only these H (comma-separated); adds to the section")
     parser.add_argument("--seq-lens", type=_integers, help="run only these T (comma-separated); adds to the section")
+    parser.add_argument("--dtypes", type=_dtypes, help="run only these dtypes (float32,float64); adds to the section")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a job as JSON, run in this process
     args = parser.parse_args()
@@ -410,7 +430,7 @@ def main() -> None:
         for number, job in enumerate(jobs, 1):
             row = dict(run_job(job), date=today)
             rows.append(row)
-            print(f"[{number}/{len(jobs)}] {name} {job['cell']} H={job['hidden']} T={job['seq_len']} "
+            print(f"[{number}/{len(jobs)}] {name} {_dtype(job)} {job['cell']} H={job['hidden']} T={job['seq_len']} "
                   f"{job['method']}: {row['seconds']:.4f} s" + (f", ratio {row['ratio']:.2f}" if "ratio" in row else ""),
                   flush=True)
             # Written after every job, so that a run cut short keeps what it measured and, until

@@ -16,8 +16,8 @@ optimiser.  The backward pass is the adjoint recurrence at the solution plus one
 vector–Jacobian product, never a pass back through the solver's iterations.  The exception is
 ``"fused"``, where a forward pass that records gradients runs ``torch.nn``'s kernel under
 autograd (backpropagation through time by ``torch.nn`` itself, no iterations to pass back
-through); ``"auto"`` takes it where it is measured fastest, for the float32 LSTM on a CPU
-(:func:`backpropagates_fused_kernel`).
+through); ``"auto"`` takes it on a CPU where it was measured faster, per cell, dtype and
+hidden size (:func:`backpropagates_fused_kernel`).
 """
 
 from __future__ import annotations
@@ -49,30 +49,48 @@ def runs_fused_kernel(solver: Solver) -> bool:
     return isinstance(solver, Auto) or (isinstance(solver, Sequential) and solver.kernel == "fused")
 
 
-def backpropagates_fused_kernel(adjoint: ModuleAdjoint, solver: Solver, kind: str, inputs: Tensor) -> bool:
+#: Largest hidden size at which ``adjoint="auto"`` keeps the adjoint recurrence on a CPU, per
+#: (cell, dtype); above it the backward is ``torch.nn``'s own through its fused kernel.  Measured
+#: on a 2-core x86-64 CPU (docs/adjoint.md §5): forward + backward against ``torch.nn``, B = 16,
+#: T = 512 and 4096, the recurrence took 0.25–1.00× ``torch.nn``'s time up to these sizes and
+#: 0.94–1.23× above them, where the fused backward took 0.88–1.07×.  The float32 LSTM with
+#: oneDNN is not listed: its fused backward wins at every size (the recurrence took 2.6–6.1×).
+RECURRENCE_UP_TO_HIDDEN: dict[tuple[str, torch.dtype], int] = {
+    ("elman", torch.float32): 192,
+    ("gru", torch.float32): 192,
+    ("elman", torch.float64): 128,
+    ("gru", torch.float64): 128,
+    ("lstm", torch.float64): 32,
+}
+
+
+def backpropagates_fused_kernel(
+    adjoint: ModuleAdjoint, solver: Solver, kind: str, inputs: Tensor, hidden_size: int
+) -> bool:
     """Whether a forward pass that records gradients runs ``torch.nn``'s fused kernel under
     autograd, so that the backward is ``torch.nn``'s own, instead of solving and keeping ``S*``
     for the adjoint recurrence.
 
-    ``"auto"`` does so for the float32 LSTM on a CPU with ``solver`` ``"auto"`` or
-    ``Sequential(kernel="fused")`` (whose forward is that kernel there anyway) when oneDNN is
-    available and enabled: torch runs its forward and backward in oneDNN's fused LSTM kernel,
-    where training through the adjoint recurrence took 1.5–6.7× ``torch.nn``'s time (its reverse
-    step is about ten small tensor operations; docs/adjoint.md §5).  Elman and GRU have no fused
-    backward on a CPU and the recurrence is faster there; on CUDA the adjoint recurrence stays
-    (unmeasured: §5).
+    ``"auto"`` does so on a CPU, with ``solver`` ``"auto"`` or ``Sequential(kernel="fused")`` (whose
+    forward is that kernel there anyway), where that was measured faster than the recurrence:
+    for the float32 LSTM when oneDNN is available and enabled (torch runs its forward and
+    backward in oneDNN's fused kernel), and otherwise above :data:`RECURRENCE_UP_TO_HIDDEN`
+    (the recurrence's reverse step is a few small tensor operations whose fixed cost wins at
+    small ``H`` and loses at large).  A float32 LSTM without oneDNN runs ATen's generic kernel, as
+    float64 does, and takes float64's size.  On CUDA the adjoint recurrence stays (unmeasured:
+    docs/adjoint.md §5).
     """
     if adjoint == "fused":
         return True
-    return (
-        adjoint == "auto"
-        and kind == "lstm"
-        and inputs.device.type == "cpu"
-        and inputs.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and bool(torch.backends.mkldnn.enabled)
-        and runs_fused_kernel(solver)
-    )
+    if adjoint != "auto" or inputs.device.type != "cpu" or not runs_fused_kernel(solver):
+        return False
+    onednn = torch.backends.mkldnn.is_available() and bool(torch.backends.mkldnn.enabled)
+    if kind == "lstm" and inputs.dtype == torch.float32:
+        if onednn:
+            return True
+        return hidden_size > RECURRENCE_UP_TO_HIDDEN[("lstm", torch.float64)]
+    limit = RECURRENCE_UP_TO_HIDDEN.get((kind, inputs.dtype))
+    return limit is not None and hidden_size > limit
 
 
 def check_module_adjoint(adjoint: object, solver: Solver) -> None:
@@ -226,7 +244,7 @@ class _Solved:
     def backward_method(self, input: Tensor) -> str:
         """What the backward of a forward on ``input`` runs: ``"fused"`` (``torch.nn``'s own) or
         the method of the adjoint recurrence that ``adjoint`` stands for on ``input``'s device."""
-        if backpropagates_fused_kernel(self.adjoint, self.solver, self._kind, input):
+        if backpropagates_fused_kernel(self.adjoint, self.solver, self._kind, input, self.hidden_size):
             return "fused"
         return resolve_adjoint_method(self._layer_options().adjoint, input.device)
 
@@ -301,7 +319,9 @@ class _Solved:
         initial = self._initial_state(input, hx, batched)  # (L·D, B, S)
         check_module_adjoint(self.adjoint, self.solver)  # the attributes may have been reassigned
         options = self._layer_options()
-        through_kernel = torch.is_grad_enabled() and backpropagates_fused_kernel(self.adjoint, self.solver, self._kind, input)
+        through_kernel = torch.is_grad_enabled() and backpropagates_fused_kernel(
+            self.adjoint, self.solver, self._kind, input, self.hidden_size
+        )
         directions = 2 if self.bidirectional else 1
         layer_input = input.transpose(0, 1) if self.batch_first else input  # (T, B, ·)
         finals = []

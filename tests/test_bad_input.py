@@ -8,17 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (
-    CELL_IDS,
-    CELLS,
-    make_hx,
-    position_errors,
-    propagated_bound,
-    randn,
-    reference,
-    rounding_local,
-    tolerance_local,
-)
+from conftest import CELL_IDS, CELLS, make_hx, randn, reference
 from fixedpoint import (
     Anderson,
     ElmanCell,
@@ -37,6 +27,7 @@ from fixedpoint import (
     solve,
     solve_network,
 )
+from fixedpoint.conditioning import position_errors, propagated_bound, rounding_local, tolerance_local
 
 BAD_VALUES = [float("nan"), float("inf"), -float("inf")]
 BAD_IDS = ["nan", "inf", "-inf"]
@@ -473,7 +464,7 @@ def test_large_but_finite_relu_solution_converges(solver):
     differently from the loop's per-step one (and one CPU's GEMM from another's), and the two
     differ by up to 1e-9 relative here.  What holds on every IEEE machine is the first-order
     bound ``‖value_t − loop_t‖₂ ≤ 2·Σ_k ‖J_t⋯J_{k+1}‖₂·ρ_k (+ the same sum over the tolerance when
-    the solve stopped by it)``, with ``ρ_k`` the rounding of one step (conftest.rounding_local).
+    the solve stopped by it)``, with ``ρ_k`` the rounding of one step (fixedpoint.conditioning, docs/testing.md §1–2).
     Here that allows 5e-8 relative; the errors measured on three GEMM code paths were ≤ 6e-11."""
     network = Network.random("elman", 3, 6, nonlinearity="relu", scale=8.0, seed=3)
     inputs = randn(200, 3, 3, seed=1)

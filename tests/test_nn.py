@@ -415,20 +415,26 @@ def graph_nodes(tensor: Tensor) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    ("kind", "dtype", "solver", "expected"),
+    ("kind", "dtype", "solver", "hidden", "expected"),
     [
-        ("lstm", torch.float32, "auto", True),  # oneDNN's fused LSTM backward: measured faster on a CPU
-        ("lstm", torch.float64, "auto", False),  # no oneDNN kernel in float64
-        ("gru", torch.float32, "auto", False),  # no fused GRU backward on a CPU: the recurrence wins
-        ("elman", torch.float32, "auto", False),
-        ("lstm", torch.float32, "picard", False),  # a parallel forward keeps the adjoint recurrence
+        ("lstm", torch.float32, "auto", 4, True),  # oneDNN's fused LSTM backward: measured faster on a CPU
+        ("lstm", torch.float32, "picard", 4, False),  # a parallel forward keeps the adjoint recurrence
+        # elsewhere the recurrence up to RECURRENCE_UP_TO_HIDDEN, the fused backward above it
+        ("lstm", torch.float64, "auto", 32, False),
+        ("lstm", torch.float64, "auto", 33, True),
+        ("gru", torch.float32, "auto", 192, False),
+        ("gru", torch.float32, "auto", 193, True),
+        ("elman", torch.float32, "auto", 4, False),
+        ("elman", torch.float64, "auto", 128, False),
+        ("elman", torch.float64, "auto", 129, True),
+        ("gru", torch.float64, "auto", 129, True),
     ],
 )
 @pytest.mark.skipif(
     not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled), reason="needs oneDNN, enabled"
 )
-def test_auto_adjoint_backpropagates_the_fused_kernel_only_where_measured_faster(kind, dtype, solver, expected):
-    reference, solved = make_pair(kind, dtype=dtype, solver=solver)
+def test_auto_adjoint_backpropagates_the_fused_kernel_only_where_measured_faster(kind, dtype, solver, hidden, expected):
+    reference, solved = make_pair(kind, dtype=dtype, solver=solver, hidden_size=hidden)
     inputs = randn(6, 2, 3, seed=1, dtype=dtype).requires_grad_()
     output, _ = solved(inputs)
     assert ("SolvedLayerBackward" not in graph_nodes(output)) is expected
