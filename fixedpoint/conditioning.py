@@ -14,11 +14,13 @@ small studies, not for every solve.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from fixedpoint.cells import Cell
 from fixedpoint.errors import InputError
 from fixedpoint.network import Network
 from fixedpoint.system import SequenceSystem
@@ -27,15 +29,39 @@ from fixedpoint.system import SequenceSystem
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
 
 
-def _float64_trajectory(system: SequenceSystem, states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(J (T, B, S, S), previous states (T, B, S), projected inputs (T, B, G·H))`` in float64."""
-    if tuple(states.shape) != system.state_shape:
-        raise InputError(f"states must have shape {system.state_shape}, got {tuple(states.shape)}")
-    cell = system.cell.to(dtype=torch.float64)
-    wide = states.detach().double()
-    projected = cell.input_projection(system.inputs.detach().double())
-    previous = torch.cat((system.initial_state.detach().double().unsqueeze(0), wide[:-1]))
-    return cell.jacobian(previous, projected), previous, projected
+@dataclass(frozen=True)
+class Trajectory:
+    """A trajectory ``states (T, B, S)`` of ``system`` and what its steps read, all in float64.
+
+    Attributes:
+        cell: the system's cell in float64.
+        states: ``s_1 … s_T``, ``(T, B, S)``.
+        previous: ``s_0 … s_{T−1}``, ``(T, B, S)``.
+        projected: the projected inputs ``p_t``, ``(T, B, G·H)``.
+    """
+
+    cell: Cell
+    states: Tensor
+    previous: Tensor
+    projected: Tensor
+
+    @classmethod
+    def of(cls, system: SequenceSystem, states: Tensor) -> "Trajectory":
+        if tuple(states.shape) != system.state_shape:
+            raise InputError(f"states must have shape {system.state_shape}, got {tuple(states.shape)}")
+        cell = system.cell.to(dtype=torch.float64)
+        wide = states.detach().double()
+        projected = cell.input_projection(system.inputs.detach().double())
+        previous = torch.cat((system.initial_state.detach().double().unsqueeze(0), wide[:-1]))
+        return cls(cell, wide, previous, projected)
+
+    def jacobians(self) -> Tensor:
+        """``J_t`` at every step, ``(T, B, S, S)``."""
+        return self.cell.jacobian(self.previous, self.projected)
+
+    def residual(self) -> Tensor:
+        """``F(S) − S``, ``(T, B, S)``."""
+        return self.cell.step(self.previous, self.projected) - self.states
 
 
 def propagated_bound(
@@ -49,7 +75,8 @@ def propagated_bound(
     """
     if norm not in ("2", "fro"):
         raise InputError(f"norm must be '2' or 'fro', got {norm!r}")
-    jacobians, previous, _ = _float64_trajectory(system, states)
+    trajectory = Trajectory.of(system, states)
+    jacobians, previous = trajectory.jacobians(), trajectory.previous
     steps, batch, size = previous.shape
     if tuple(local.shape) != (steps, batch):
         raise InputError(f"local must have shape {(steps, batch)}, got {tuple(local.shape)}")
@@ -76,9 +103,9 @@ def rounding_local(system: SequenceSystem, states: Tensor, dtype: torch.dtype | 
     dtype = states.dtype if dtype is None else dtype
     if dtype not in UNIT_ROUNDOFF:
         raise InputError(f"dtype must be float32 or float64, got {dtype}")
-    jacobians, previous, projected = _float64_trajectory(system, states)
-    recurrent = (jacobians.abs() @ previous.abs().unsqueeze(-1)).squeeze(-1)
-    magnitude = recurrent.norm(dim=-1) + states.detach().double().norm(dim=-1) + projected.norm(dim=-1)
+    trajectory = Trajectory.of(system, states)
+    recurrent = (trajectory.jacobians().abs() @ trajectory.previous.abs().unsqueeze(-1)).squeeze(-1)
+    magnitude = recurrent.norm(dim=-1) + trajectory.states.norm(dim=-1) + trajectory.projected.norm(dim=-1)
     return (states.shape[-1] + 8) * UNIT_ROUNDOFF[dtype] * magnitude
 
 
@@ -139,17 +166,12 @@ def linearized_correction(system: SequenceSystem, states: Tensor) -> Tensor:
     which a residual test alone does not bound: a residual ``ρ`` leaves an error up to about
     ``Σ_k ‖J_t ⋯ J_{k+1}‖·ρ_k`` (``L/(1 − L)·ρ`` at a contraction rate ``L``).
     """
-    if tuple(states.shape) != system.state_shape:
-        raise InputError(f"states must have shape {system.state_shape}, got {tuple(states.shape)}")
-    cell = system.cell.to(dtype=torch.float64)
-    wide = states.detach().double()
-    projected = cell.input_projection(system.inputs.detach().double())
-    previous = torch.cat((system.initial_state.detach().double().unsqueeze(0), wide[:-1]))
-    residual = cell.step(previous, projected) - wide
+    trajectory = Trajectory.of(system, states)
+    residual = trajectory.residual()
     correction = torch.empty_like(residual)
     delta = torch.zeros_like(residual[0])
     for t in range(residual.shape[0]):  # one Jacobian at a time: (B, S, S), not (T, B, S, S)
-        jacobian = cell.jacobian(previous[t], projected[t])
+        jacobian = trajectory.cell.jacobian(trajectory.previous[t], trajectory.projected[t])
         delta = (jacobian @ delta.unsqueeze(-1)).squeeze(-1) + residual[t]
         correction[t] = delta
     return correction

@@ -40,6 +40,8 @@ def load_torch_file(path: str | os.PathLike, role: str, what: str, allowed_class
 
 
 def _describe_failure(path: str | os.PathLike, what: str, error: Exception) -> str:
+    if not _looks_like_torch_save(path):  # text read as a legacy pickle fails in the unpickler too
+        return f"cannot read {path}: it is not a torch.save file; expected {what}"
     text = str(error)
     if "Weights only load failed" in text or "weights_only" in text:
         found = re.search(r"GLOBAL ([\w.]+)", text)  # "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y"
@@ -48,8 +50,6 @@ def _describe_failure(path: str | os.PathLike, what: str, error: Exception) -> s
             f"cannot read {path}: it refers to Python objects other than tensors{names}, which could run "
             f"code when loaded, so it is refused; expected {what}"
         )
-    if not _looks_like_torch_save(path):
-        return f"cannot read {path}: it is not a torch.save file; expected {what}"
     return f"cannot read {path} as a torch.save file of {what}: {type(error).__name__}: {first_line(error)}"
 
 
