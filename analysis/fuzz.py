@@ -69,7 +69,7 @@ Command-line cases expect exit status 2, exactly one line on stderr, no ``Traceb
 finish within 1 s of wall time beyond the interpreter's start (the median time of
 ``fixedpoint solve --seq-len 0``, measured first: importing torch alone takes seconds on a small
 machine); a closed stdout pipe may also end quietly (nothing on stderr).  Classes: ``ok``,
-``traceback``, ``wrong exit``, ``multi-line``, ``slow`` (> 1 s beyond start), ``hang`` (killed
+``traceback``, ``wrong exit``, ``multi-line``, ``slow`` (> 1 s beyond start, twice in a row), ``hang`` (killed
 at ``--cli-timeout``).  Each runs under an address-space limit (``--cli-memory-gb``), so a case
 that would allocate without bound fails fast instead of taking the machine down.
 """
@@ -970,12 +970,20 @@ def run_cli_case(
     case: CliCase, files: dict[str, str], *, startup: float, timeout: float, memory_bytes: int, threads: int
 ) -> Outcome:
     argv = [argument.format(**files) if "{" in argument else argument for argument in case.argv]
-    status, stderr, seconds = run_cli(argv, case.stdout, timeout=timeout, memory_bytes=memory_bytes, threads=threads)
-    # The report names the case's files by their folder's placeholder, not this machine's paths.
-    stderr = stderr.replace(os.path.dirname(files["text"]), "FILES").replace(str(ROOT), ".")
-    klass, detail = classify_cli(case, status, stderr, seconds, startup)
+    attempts = 0
+    while True:
+        attempts += 1
+        status, stderr, seconds = run_cli(argv, case.stdout, timeout=timeout, memory_bytes=memory_bytes, threads=threads)
+        # The report names the case's files by their folder's placeholder, not this machine's paths.
+        stderr = stderr.replace(os.path.dirname(files["text"]), "FILES").replace(str(ROOT), ".")
+        klass, detail = classify_cli(case, status, stderr, seconds, startup)
+        # One more try for "slow" alone: the interpreter's start (importing torch) varies by a
+        # second on a busy machine, and a case is slow only if it is slow twice.
+        if klass != "slow" or attempts == 2:
+            break
     params = {"argv": " ".join(case.argv), "stdout": case.stdout}
-    metrics = {"exit": status, "stderr_lines": len(stderr.strip().splitlines()), "wall": seconds, "startup": startup}
+    metrics = {"exit": status, "stderr_lines": len(stderr.strip().splitlines()), "wall": seconds, "startup": startup,
+               "attempts": attempts}
     return Outcome("cli", f"cli:{case.name}", klass, params, metrics, detail, seconds)
 
 
@@ -1149,7 +1157,9 @@ def markdown(outcomes: Sequence[Outcome], info: dict[str, Any], settings: dict[s
         "line on stderr, no `Traceback`, and an end within 1 s beyond the start of the interpreter (the median "
         "time of `fixedpoint solve --seq-len 0`"
         + (f", here {settings['startup']:.2f} s" if "startup" in settings else "")
-        + ": importing torch alone can take longer than 1 s); a closed stdout pipe may also end quietly.",
+        + ": importing torch alone can take longer than 1 s; a case over the limit runs once more, and is slow only "
+        "if it is slow twice, since that start varies by a second on a busy machine); a closed stdout pipe may also "
+        "end quietly.",
         "",
     ]
     lines += ["## 2. Summary", ""]

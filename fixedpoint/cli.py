@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--test-samples", type=_positive_int, default=512,
                        help="synthetic tasks: held-out sequences (default 512)")
     train.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training data (default 10)")
-    train.add_argument("--batch-size", type=_positive_int, default=64, help="mini-batch size (default 64)")
+    train.add_argument("--batch-size", type=_positive_int,
+                       help="mini-batch size, at most the training samples (default 64, or all of them when fewer)")
     train.add_argument("--lr", type=_nonnegative_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     train.add_argument("--seed", type=_seed, default=0,
                        help="seed of the model and batch order, and of a synthetic task's data (+1 held out) (default 0)")
@@ -750,7 +751,6 @@ def _starsaber_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
     lower = _SIZE_OPTIONS["train"]
     if args.task in TASKS:  # synthetic data is drawn here: refuse an impossible size before drawing it
         samples = args.train_samples + args.test_samples
@@ -760,11 +760,13 @@ def _run_train(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size, seed=args.seed,
     )
     samples = len(data.train[1])
-    if args.batch_size > samples:
+    if args.batch_size is not None and args.batch_size > samples:
         raise InputError(f"--batch-size {args.batch_size} exceeds the {samples} training samples of {args.task}; "
                          f"choose at most {samples}")
+    batch_size = min(64, samples) if args.batch_size is None else args.batch_size
+    config = TrainConfig(epochs=args.epochs, batch_size=batch_size, learning_rate=args.lr, seed=args.seed)
     needed = train_bytes(data.input_size or args.hidden, args.hidden, args.layers, args.heads, data.seq_len,
-                         args.batch_size, samples + len(data.test[1]), data.vocab_size)
+                         batch_size, samples + len(data.test[1]), data.vocab_size)
     _check_memory(f"training {args.model} with H={args.hidden}, {args.layers} layers", needed, torch.device("cpu"), lower)
     classifier = build_classifier(
         args.model, data.input_size or args.hidden, data.num_classes, hidden_size=args.hidden, num_layers=args.layers,
