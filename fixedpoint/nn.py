@@ -53,7 +53,7 @@ def runs_fused_kernel(solver: Solver) -> bool:
 #: (cell, dtype); above it the backward is ``torch.nn``'s own through its fused kernel.  Measured
 #: on a 2-core x86-64 CPU (docs/adjoint.md §5): forward + backward against ``torch.nn``, B = 16,
 #: T = 512 and 4096, the recurrence took 0.25–1.00× ``torch.nn``'s time up to these sizes and
-#: 0.94–1.23× above them, where the fused backward took 0.88–1.07×.  The float32 LSTM with
+#: 0.94–1.33× above them, where the fused backward took 0.88–1.06×.  The float32 LSTM with
 #: oneDNN is not listed: its fused backward wins at every size (the recurrence took 2.6–6.1×).
 RECURRENCE_UP_TO_HIDDEN: dict[tuple[str, torch.dtype], int] = {
     ("elman", torch.float32): 192,
