@@ -108,8 +108,9 @@ from fixedpoint.conditioning import (  # noqa: E402
     UNIT_ROUNDOFF,
     Trajectory,
     linearized_correction,
-    output_order,
     permute_hidden_units,
+    permute_initial_state,
+    restore_unit_order,
     unit_permutation,
 )
 from fixedpoint.contraction import estimated_step_norms  # noqa: E402
@@ -403,15 +404,11 @@ def permuted_loop(network: Network, inputs: Tensor, hx: Any) -> Tensor | None:
     """The loop's answer (flat, as :func:`flatten` of output, ``h_n``, ``c_n``) computed on
     :func:`~fixedpoint.conditioning.permute_hidden_units` and put back in the original order; ``None`` if it overflows."""
     order = unit_permutation(network.hidden_size, seed=7919 + network.hidden_size)
-    back = torch.argsort(order)
-    between_back = torch.argsort(output_order(order, network.num_directions))
-    if hx is not None:
-        hx = tuple(part[..., order] for part in hx) if isinstance(hx, tuple) else hx[..., order]
-    solution = solve_network(permute_hidden_units(network, order), inputs, hx, Sequential(), throw=False)
+    permuted = permute_hidden_units(network, order)
+    solution = solve_network(permuted, inputs, permute_initial_state(hx, order), Sequential(), throw=False)
     if not solution.converged:
         return None
-    c_n = None if solution.c_n is None else solution.c_n[..., back]
-    return flatten((solution.output[..., between_back], solution.h_n[..., back], c_n))
+    return flatten(restore_unit_order(solution.output, solution.h_n, solution.c_n, order, network.num_directions))
 
 
 def exception_summary(error: BaseException) -> str:

@@ -355,8 +355,7 @@ def _check_solve_memory(
         dtype = DTYPES[args.dtype]
     else:
         dtype = weights_dtype or (inputs.dtype if inputs is not None else torch.float64)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    needed = solve_bytes(shape, steps, batch, itemsize, getattr(args, "solver", "picard"))
+    needed = solve_bytes(shape, steps, batch, dtype.itemsize, getattr(args, "solver", "picard"))
     _check_memory(f"{shape.kind}, T={steps}, B={batch}, H={shape.hidden_size}, layers={shape.num_layers}", needed,
                   device, _SIZE_OPTIONS["solve"])
 

@@ -175,3 +175,19 @@ def linearized_correction(system: SequenceSystem, states: Tensor) -> Tensor:
         delta = (jacobian @ delta.unsqueeze(-1)).squeeze(-1) + residual[t]
         correction[t] = delta
     return correction
+
+
+def permute_initial_state(hx: Tensor | tuple[Tensor, Tensor] | None, order: Tensor) -> Tensor | tuple[Tensor, Tensor] | None:
+    """``hx`` in ``torch.nn``'s layout (``h_0`` or ``(h_0, c_0)``) for :func:`permute_hidden_units`."""
+    if hx is None:
+        return None
+    return tuple(part[..., order] for part in hx) if isinstance(hx, tuple) else hx[..., order]
+
+
+def restore_unit_order(
+    output: Tensor, h_n: Tensor, c_n: Tensor | None, order: Tensor, num_directions: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A permuted network's ``(output, h_n, c_n)`` put back in the original order of the units."""
+    inverse = torch.argsort(order)
+    output_inverse = torch.argsort(output_order(order, num_directions))
+    return output[..., output_inverse], h_n[..., inverse], None if c_n is None else c_n[..., inverse]

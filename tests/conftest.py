@@ -16,7 +16,13 @@ from torch import Tensor
 
 from fixedpoint import Network, NetworkSolution, SequenceSystem
 from fixedpoint.compare import run_reference
-from fixedpoint.conditioning import output_order, permute_hidden_units, unit_permutation
+from fixedpoint.conditioning import (
+    output_order,
+    permute_hidden_units,
+    permute_initial_state,
+    restore_unit_order,
+    unit_permutation,
+)
 
 # Hypothesis profiles: "default" keeps the suite fast; HYPOTHESIS_PROFILE=thorough searches longer.
 settings.register_profile("default", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -98,12 +104,9 @@ def _unit_order(hidden: int) -> Tensor:
 
 def _permuted_reference(network: Network, inputs: Tensor, hx: Any) -> tuple[Tensor, Tensor, Tensor | None]:
     order = _unit_order(network.hidden_size)
-    if hx is not None:
-        hx = tuple(part[..., order] for part in hx) if isinstance(hx, tuple) else hx[..., order]
-    output, h_n, c_n = run_reference(permute_hidden_units(network, order).to_torch(), inputs, hx)
-    inverse = torch.argsort(order)
-    output_inverse = torch.argsort(output_order(order, network.num_directions))
-    return output[..., output_inverse], h_n[..., inverse], None if c_n is None else c_n[..., inverse]
+    permuted = permute_hidden_units(network, order).to_torch()
+    output, h_n, c_n = run_reference(permuted, inputs, permute_initial_state(hx, order))
+    return restore_unit_order(output, h_n, c_n, order, network.num_directions)
 
 
 def max_diff(solution: NetworkSolution, expected: tuple[Tensor, Tensor, Tensor | None]) -> float:
