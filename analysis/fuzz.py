@@ -36,7 +36,10 @@ module case: the same module with ``solver="sequential", adjoint="sequential"``)
   units permuted (solve cases only): the same mathematics summed in another order, as another
   CPU's GEMM may round it, so the rule does not rest on this machine's loop and ``torch.nn``
   happening to round alike;
-- ``spread = max(loop_diff, permuted_diff)``: how far rounding alone moves the answer;
+- ``wider_diff = max|loop64 − loop|`` for a float32 solve case, ``loop64`` the loop on the same
+  numbers in float64: how far float32 rounding moves the loop (and ``torch.nn``) from the exact
+  solution, which the driver's refinement approaches more closely;
+- ``spread = max(loop_diff, permuted_diff, wider_diff)``: how far rounding alone moves the answer;
 - ``tolerance_ratio = max_i |sol_i − ref_i| / (atol + rtol·|ref_i|)`` (elementwise);
 - ``conditioning κ = max(1, spread / ((S + 8)·u·M))``: how many single-step rounding bounds (a
   length-``S`` dot product and the gate arithmetic, ``(S + 8)·u·M``) the spread spans.  ``κ > 1``
@@ -47,17 +50,19 @@ The case is *explained* when ``solver_diff ≤ 10·max(spread, u·M)`` (within 1
 itself does, floored at one unit of the largest value) or ``tolerance_ratio ≤ κ`` (within the
 requested tolerance amplified by the conditioning).  An explained case is ``exact`` when
 ``tolerance_ratio ≤ 1`` or ``solver_diff ≤ 10·u·M``, otherwise ``exact (ill-conditioned: the loop
-itself differs from torch.nn by as much)``.  An unexplained one is ``silent``: a real miss.
+itself is moved by rounding as much)``.  An unexplained one is ``silent``: a real miss.
 
-A successful solve that the rule above does not explain gets one more look, since the driver
-promises a residual, not an error: it stops when ``|F(X) − X| < atol + rtol·|F(X)|`` and returns
-``F(X)``, and a residual that size leaves an error up to ``L/(1 − L)`` tolerances at a contraction
-rate ``L`` (``Σ_k ‖J_t ⋯ J_{k+1}‖`` of them in general).  The case is ``residual-bound`` when
-every (layer, direction) that stopped by the test kept that promise on its own inputs and its
-error is that residual propagated through the problem, checked to first order with the exact
-Jacobians (:func:`within_residual_contract`): not exact (its error exceeds the tolerance), not a
-broken promise either; the fix is a stop on an estimate of the error instead of the residual.
-Only what fails this too is ``silent``: a real miss.
+A successful solve that the rule above does not explain gets one more look.  The driver stops
+when ``|F(X) − X| < atol + rtol·|F(X)|``; a residual that size can leave an error up to
+``L/(1 − L)`` tolerances at a contraction rate ``L`` (``Σ_k ‖J_t ⋯ J_{k+1}‖`` of them in
+general), so it then estimates the answer's error by linearised propagation of the residual and
+refines the answer while the estimate exceeds the tolerance (:mod:`fixedpoint.forward_error`, at
+most :data:`~fixedpoint.solve.MAX_REFINEMENTS` corrections, each kept only if it shrinks the next).  The case is
+``residual-bound`` when every (layer, direction) that stopped by the test kept its residual
+promise on its own inputs and its error is that residual propagated through the problem, checked
+to first order with the exact Jacobians (:func:`within_residual_contract`): the refinement
+stopped short of the tolerance, and the error is still the problem's amplification of a residual,
+not a broken promise.  Only what fails this too is ``silent``: a real miss.
 
 When the loop overflows (NaN/Inf) and the solver returns a finite success, the case is
 ``silent`` unless the answer comes within ``2¹⁶`` of the dtype's largest value: there whether a
@@ -107,13 +112,13 @@ from fixedpoint.compare import run_reference  # noqa: E402
 from fixedpoint.conditioning import (  # noqa: E402
     UNIT_ROUNDOFF,
     Trajectory,
-    linearized_correction,
     permute_hidden_units,
     permute_initial_state,
     restore_unit_order,
     unit_permutation,
 )
 from fixedpoint.contraction import estimated_step_norms  # noqa: E402
+from fixedpoint.forward_error import linearized_correction  # noqa: E402
 from fixedpoint.solve import NetworkSolution  # noqa: E402
 from fixedpoint.solvers import DEFAULT_TOLERANCES, SOLVERS, Solver  # noqa: E402
 
@@ -134,7 +139,7 @@ CELLS: dict[str, tuple[str, str]] = {
 FULL_JACOBIAN_SOLVERS = ("newton", "damped")
 
 EXACT = "exact"
-ILL_CONDITIONED = "exact (ill-conditioned: the loop itself differs from torch.nn by as much)"
+ILL_CONDITIONED = "exact (ill-conditioned: the loop itself is moved by rounding as much)"
 #: Not exact, not a miss of what the driver promises: the residual met the tolerance and the error
 #: beyond it is that residual propagated through the problem (:func:`within_residual_contract`).
 RESIDUAL_AMPLIFIED = "residual-bound (the residual met the tolerance, the error did not)"
@@ -160,6 +165,12 @@ class Verdict:
     conditioning: float
     reason: str = ""
     permuted_diff: float = math.nan
+    wider_diff: float = math.nan
+
+    @property
+    def spread(self) -> float:
+        """How far rounding alone moves the answer (the rule's ``spread``)."""
+        return max([self.loop_diff, *(d for d in (self.permuted_diff, self.wider_diff) if not math.isnan(d))])
 
 
 #: A finite answer within this factor of the dtype's largest value, where the loop overflows, is
@@ -184,13 +195,15 @@ def judge(
     state_size: int,
     permuted: Tensor | None = None,
     scale: Tensor | None = None,
+    wider: Tensor | None = None,
 ) -> Verdict:
     """Classify a successful ``answer`` against ``reference`` (``torch.nn``) and ``loop``.
 
     ``scale`` (optional, same length) replaces ``|reference|`` in the tolerance ``atol + rtol·|·|``:
     gradients are judged per tensor, relative to its largest entry (:func:`gradient_scale`).
     All are flat float64 vectors of one length (:func:`flatten`); ``permuted`` (optional) is the
-    loop on the network with its hidden units permuted (:func:`permuted_loop`); ``dtype`` is the
+    loop on the network with its hidden units permuted (:func:`permuted_loop`); ``wider``
+    (optional) the loop in float64 for a float32 problem (:func:`wider_loop`); ``dtype`` is the
     dtype the problem was solved in.  Returns ``exact``, ``exact (ill-conditioned …)``,
     ``silent`` or ``non-finite``.
     """
@@ -222,7 +235,11 @@ def judge(
     permuted_diff = math.nan
     if permuted is not None and bool(torch.isfinite(permuted).all()):
         permuted_diff = float((permuted - loop).abs().max())
-    spread = max(loop_diff, 0.0 if math.isnan(permuted_diff) else permuted_diff)  # what rounding alone moves
+    wider_diff = math.nan
+    if wider is not None and bool(torch.isfinite(wider).all()):
+        wider_diff = float((wider - loop).abs().max())
+    # What rounding alone moves: another order of summation, and (float32) the exact solution itself.
+    spread = max([loop_diff, *(d for d in (permuted_diff, wider_diff) if not math.isnan(d))])
     solver_vs_loop = float((answer - loop).abs().max())
     size = reference.abs() if scale is None else scale
     tolerance = size.mul(rtol).add(atol).clamp(min=torch.finfo(torch.float64).tiny)
@@ -231,7 +248,8 @@ def judge(
     like_loop = solver_diff <= 10 * max(spread, unit * magnitude)
     within_tolerance = tolerance_ratio <= conditioning
     values = dict(solver_diff=solver_diff, loop_diff=loop_diff, solver_vs_loop=solver_vs_loop,
-                  tolerance_ratio=tolerance_ratio, conditioning=conditioning, permuted_diff=permuted_diff)
+                  tolerance_ratio=tolerance_ratio, conditioning=conditioning, permuted_diff=permuted_diff,
+                  wider_diff=wider_diff)
     if not (like_loop or within_tolerance):
         return Verdict(SILENT, **values, reason=(
             f"max|diff| {solver_diff:.3g} > 10× the rounding spread {spread:.3g}, and {tolerance_ratio:.3g}× the "
@@ -411,6 +429,21 @@ def permuted_loop(network: Network, inputs: Tensor, hx: Any) -> Tensor | None:
     return flatten(restore_unit_order(solution.output, solution.h_n, solution.c_n, order, network.num_directions))
 
 
+def wider_loop(network: Network, inputs: Tensor, hx: Any) -> Tensor | None:
+    """For a float32 problem, the loop on the same numbers in float64 (flat, as :func:`flatten`):
+    the exact solution at float32's scale, which the float32 loop and ``torch.nn`` miss by what
+    float32 rounding amplifies (saturated gates round to exactly 0 or 1, say).  ``None`` for a
+    float64 problem (no wider type) or when it overflows."""
+    if network.dtype != torch.float32:
+        return None
+    if hx is not None:
+        hx = tuple(part.double() for part in hx) if isinstance(hx, tuple) else hx.double()
+    solution = solve_network(network.to(dtype=torch.float64), inputs.double(), hx, Sequential(), throw=False)
+    if not solution.converged:
+        return None
+    return flatten((solution.output, solution.h_n, solution.c_n))
+
+
 def exception_summary(error: BaseException) -> str:
     """``Type: first line`` and the innermost frame, for a crash report."""
     text = str(error).strip().splitlines()
@@ -431,6 +464,7 @@ def run_solve_case(case: SolveCase) -> Outcome:
         reference = flatten(run_reference(network.to_torch(), inputs, hx))
         loop = solve_network(network, inputs, hx, Sequential(), throw=False)
         permuted = permuted_loop(network, inputs, hx)
+        wider = wider_loop(network, inputs, hx)
     except Exception as error:  # the problem or its ground truth could not be built: a crash of the harness's inputs
         outcome.detail = "building the problem or the loop failed: " + exception_summary(error)
         outcome.seconds = time.perf_counter() - started
@@ -458,7 +492,7 @@ def run_solve_case(case: SolveCase) -> Outcome:
             verdict = judge(
                 flatten((solution.output, solution.h_n, solution.c_n)), reference, loop_vector,
                 rtol=stats.rtol, atol=stats.atol, dtype=DTYPES[case.dtype], state_size=case.state_size,
-                permuted=permuted,
+                permuted=permuted, wider=wider,
             )
             outcome.klass, outcome.detail = verdict.klass, verdict.reason
             outcome.metrics.update(verdict_metrics(verdict), rtol=stats.rtol, atol=stats.atol)
@@ -468,8 +502,7 @@ def run_solve_case(case: SolveCase) -> Outcome:
                     f"; final residual {outcome.metrics['final_residual']:.2g} of the tolerance, median ‖J_t‖₂ "
                     f"{outcome.metrics['median_jacobian_norm']:.3g} along the solution"
                 )
-                spread = max(verdict.loop_diff, 0.0 if math.isnan(verdict.permuted_diff) else verdict.permuted_diff)
-                kept, why = within_residual_contract(solution, spread)
+                kept, why = within_residual_contract(solution, verdict.spread)
                 outcome.metrics["residual_contract"] = why
                 if kept:
                     outcome.klass, outcome.detail = RESIDUAL_AMPLIFIED, why
@@ -484,7 +517,8 @@ UNEXPLAINED_SHARE = 0.1
 
 def within_residual_contract(solution: NetworkSolution, spread: float) -> tuple[bool, str]:
     """Whether a successful solve that misses the elementwise tolerance kept its contract: the
-    driver tests the residual, ``|F(X) − X| < atol + rtol·|F(X)|``, and returns ``G = F(X)``.
+    driver tests the residual, ``|F(X) − X| < atol + rtol·|F(X)|``, and returns ``G = F(X)`` or,
+    refined, ``G`` plus corrections that only shrank its residual.
 
     For every (layer, direction) that stopped by that test, on its own inputs:
 
@@ -493,13 +527,13 @@ def within_residual_contract(solution: NetworkSolution, spread: float) -> tuple[
         (:func:`~fixedpoint.conditioning.rounding_local`, elementwise);
     (b) its error against the loop on the same inputs is that residual propagated through the
         problem: with ``δ = (I − ∂F)⁻¹(F(G) − G)``
-        (:func:`~fixedpoint.conditioning.linearized_correction`),
+        (:func:`~fixedpoint.forward_error.linearized_correction`),
         ``max|G + δ − loop| ≤ UNEXPLAINED_SHARE·max|G − loop| + 10·spread``.
 
     Then the error beyond the tolerance is the residual the test admits, amplified by the
-    problem's conditioning (up to ``L/(1 − L)`` at a contraction rate ``L``): the residual test
-    does not bound the forward error, and the solve did what it promises, which is not what the
-    tolerance suggests: such a case is ``residual-bound``, listed apart, neither exact nor silent.  Returns the verdict
+    problem's conditioning (up to ``L/(1 − L)`` at a contraction rate ``L``) and not removed by
+    the driver's refinement: such a case is ``residual-bound``, listed apart, neither exact nor
+    silent.  Returns the verdict
     and a one-line reason.
     """
     worst_residual = worst_unexplained = 0.0
@@ -548,6 +582,7 @@ def verdict_metrics(verdict: Verdict) -> dict[str, float]:
         "solver_diff": verdict.solver_diff,
         "loop_diff": verdict.loop_diff,
         "permuted_diff": verdict.permuted_diff,
+        "wider_diff": verdict.wider_diff,
         "solver_vs_loop": verdict.solver_vs_loop,
         "tolerance_ratio": verdict.tolerance_ratio,
         "conditioning": verdict.conditioning,
@@ -1114,7 +1149,10 @@ def markdown(outcomes: Sequence[Outcome], info: dict[str, Any], settings: dict[s
         "- `permuted_diff = max|loop′ − loop|`, `loop′` the loop on the network with its hidden units permuted: "
         "the same mathematics summed in another order, as another CPU's GEMM may round it (docs/testing.md), so "
         "the rule does not rest on this machine's loop and `torch.nn` happening to round alike;",
-        "- `spread = max(loop_diff, permuted_diff)`: how far rounding alone moves the answer;",
+        "- `wider_diff = max|loop64 − loop|` for a float32 solve case, `loop64` the loop on the same numbers in "
+        "float64: how far float32 rounding moves the loop (and `torch.nn`) from the exact solution, which the "
+        "driver's refinement approaches more closely (docs/forward_error.md);",
+        "- `spread = max(loop_diff, permuted_diff, wider_diff)`: how far rounding alone moves the answer;",
         "- tolerance ratio `max_i |sol_i − ref_i| / (atol + rtol·|ref_i|)`;",
         "- conditioning `κ = max(1, spread / ((S + 8)·u·M))`: how many single-step rounding bounds (a length-`S` "
         "dot product and the gate arithmetic) the spread spans; `κ > 1` means the problem amplified rounding by "
@@ -1123,7 +1161,7 @@ def markdown(outcomes: Sequence[Outcome], info: dict[str, Any], settings: dict[s
         "A successful solve is **explained** when `solver_diff ≤ 10·max(spread, u·M)` (within 10× of the loop) "
         "or the tolerance ratio is `≤ κ` (within the requested tolerance amplified by the conditioning).  An "
         "explained case is **exact** when its tolerance ratio is `≤ 1` or `solver_diff ≤ 10·u·M`, otherwise "
-        "**exact (ill-conditioned: the loop itself differs from torch.nn by as much)**.  An unexplained one is "
+        "**exact (ill-conditioned: the loop itself is moved by rounding as much)**.  An unexplained one is "
         "**silent**, a real miss; so are **non-finite** (NaN/Inf returned as success) and **crash** (an "
         "exception other than `InputError`/`NoConvergence`).  **Reported failure**: the result was not "
         "`successful`, or a documented error was raised.",
@@ -1132,17 +1170,19 @@ def markdown(outcomes: Sequence[Outcome], info: dict[str, Any], settings: dict[s
         "comes within 2¹⁶ of the dtype's largest value, where whether a sum overflows depends on its order "
         "(then: ill-conditioned).",
         "",
-        "A success the rule does not explain gets one more look, because the driver promises a residual, not "
-        "an error: it stops when `|F(X) − X| < atol + rtol·|F(X)|` and returns `F(X)`, and a residual that "
-        "size leaves an error of up to `L/(1 − L)` tolerances at contraction rate `L` (`Σ_k ‖J_t ⋯ J_{k+1}‖` "
-        "of them in general).  The case is **residual-bound** "
+        "A success the rule does not explain gets one more look.  The driver stops when "
+        "`|F(X) − X| < atol + rtol·|F(X)|`; a residual that size can leave an error of up to `L/(1 − L)` "
+        "tolerances at contraction rate `L` (`Σ_k ‖J_t ⋯ J_{k+1}‖` of them in general), so the driver then "
+        "estimates the answer's error by linearised propagation of the residual and adds that correction while "
+        "the estimate exceeds the tolerance (`fixedpoint.forward_error`; at most three corrections, each kept "
+        "only if it shrinks the next).  The case is **residual-bound** "
         "when every (layer, direction) that stopped by the test kept that promise on its own inputs (the "
         "residual of the returned value is at most one exact step from the tolerance) and its error against "
         "the loop is that residual propagated through the problem: with the linearised correction "
-        "`δ = (I − ∂F)⁻¹(F(G) − G)` (`fixedpoint.conditioning.linearized_correction`, exact Jacobians, "
+        "`δ = (I − ∂F)⁻¹(F(G) − G)` (`fixedpoint.forward_error.linearized_correction`, exact Jacobians, "
         "float64), `max|G + δ − loop| ≤ 0.1·max|G − loop| + 10·spread`.  Such a case is not exact — its error "
-        "exceeds the tolerance — and not a broken promise; a stop on an estimate of the error (such as `δ`) "
-        "instead of the residual would make it exact.  Only what fails this too is "
+        "exceeds the tolerance: the refinement stopped short — and not a broken promise.  Only what fails this "
+        "too is "
         "**silent**.  Module cases apply "
         "the rule to the outputs and, in float64, to all gradients (input, `hx`, parameters; `loop` is the "
         "module with `solver=\"sequential\", adjoint=\"sequential\"`, tolerances the dtype's defaults, no "
@@ -1213,7 +1253,7 @@ def markdown(outcomes: Sequence[Outcome], info: dict[str, Any], settings: dict[s
         lines += table(MODULE_HEADER, module_rows(reported_modules)) + [""]
     for klass, title in ((ILL_CONDITIONED, "Exact, ill-conditioned"),
                          (RESIDUAL_AMPLIFIED, "Residual-bound: the residual met the tolerance, the error did not "
-                                              "(cause verified case by case; a forward-error stop would fix it)")):
+                                              "(cause verified case by case: the refinement stopped short)")):
         chosen = [o for o in solves if o.klass == klass]
         chosen_modules = [o for o in modules if o.klass == klass]
         lines += [f"### {title}: {len(chosen)} solve, {len(chosen_modules)} module", ""]

@@ -177,6 +177,12 @@ class Cell(ABC):
         """``Jᵀ v`` for ``factors`` from :meth:`linearization` and ``v (..., S)``, with matching
         leading shapes: one product with ``W_hh`` (``O(G·H²)``), the step of an adjoint recurrence."""
 
+    @abstractmethod
+    def jacobian_product(self, factors: tuple[Tensor, ...], vector: Tensor) -> Tensor:
+        """``J v`` for ``factors`` from :meth:`linearization` and ``v (..., S)``: the forward
+        counterpart of :meth:`transposed_jacobian_product`, one product with ``W_hhᵀ``, the step
+        of a linearised (tangent) recurrence such as the forward-error estimate's."""
+
     def hidden_of(self, state: Tensor) -> Tensor:
         """The output part ``h`` of a state ``(..., S) → (..., H)``."""
         return state
@@ -274,6 +280,10 @@ class ElmanCell(Cell):
         (slope,) = factors  # J = diag(φ') W_hh, so Jᵀv = W_hhᵀ (φ' ⊙ v)
         return (slope * vector) @ self.weight_hh
 
+    def jacobian_product(self, factors: tuple[Tensor, ...], vector: Tensor) -> Tensor:
+        (slope,) = factors
+        return slope * (vector @ self.weight_hh.T)
+
     def _slope(self, state: Tensor, projected_input: Tensor) -> Tensor:
         """``φ'`` at the pre-activation, ``(..., H)``."""
         pre = self.preactivation(state, projected_input)
@@ -325,6 +335,12 @@ class GRUCell(Cell):
         z, scalings = factors
         scaled = scalings * torch.cat((vector, vector, vector), dim=-1)
         return torch.addcmul(scaled @ self.weight_hh, z, vector)
+
+    def jacobian_product(self, factors: tuple[Tensor, ...], vector: Tensor) -> Tensor:
+        # Jv = z ⊙ v + Σ_k u_k ⊙ (W_k v): the three gate rows of W_hh v, scaled and summed.
+        z, scalings = factors
+        r_part, z_part, n_part = (scalings * (vector @ self.weight_hh.T)).chunk(3, dim=-1)
+        return torch.addcmul(r_part + z_part + n_part, z, vector)
 
     def _terms(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         """``z`` and the row scalings of ``(W_hr, W_hz, W_hn)`` in
@@ -418,6 +434,15 @@ class LSTMCell(Cell):
         reaching_c = torch.addcmul(v_c, through_c, v_h)
         multipliers = torch.stack((reaching_c, reaching_c, reaching_c, v_h), dim=-2).flatten(-2)
         return torch.cat(((scalings * multipliers) @ self.weight_hh, f * reaching_c), dim=-1)
+
+    def jacobian_product(self, factors: tuple[Tensor, ...], vector: Tensor) -> Tensor:
+        # (Jv)_c = Σ_{k∈i,f,g} u_k ⊙ (W_hk v_h) + f ⊙ v_c,  (Jv)_h = u_o ⊙ (W_ho v_h) + o(1−tanh²c') ⊙ (Jv)_c.
+        scalings, through_c, f = factors
+        hidden = self.hidden_size
+        v_h, v_c = vector[..., :hidden], vector[..., hidden:]
+        i_part, f_part, g_part, o_part = (scalings * (v_h @ self.weight_hh.T)).chunk(4, dim=-1)
+        c_part = torch.addcmul(i_part + f_part + g_part, f, v_c)
+        return torch.cat((torch.addcmul(o_part, through_c, c_part), c_part), dim=-1)
 
     def _factors(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, ...]:
         """``(u_i, u_f, u_g, u_o, o(1−tanh²c'), f)``: the row scalings of the gate blocks of

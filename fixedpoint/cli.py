@@ -449,6 +449,9 @@ def _report(
         "error_bound": _all_or_none(
             [None if s.stats.error_bound is None else float(s.stats.error_bound.max()) for s in solutions], max
         ),
+        "forward_error_estimate": comparison.forward_error,
+        "torch_forward_error_estimate": comparison.reference_forward_error,
+        "refinements": sum(s.stats.refinements for s in solutions),
         "torch_version": torch.__version__,
     }
 
@@ -500,12 +503,25 @@ def _format_table(report: dict[str, Any]) -> str:
         ("iterations", iterations),
         ("residual", f"{report['residual']:.2e} (scaled: < 1 is within tolerance)"),
         ("max |diff|", f"{report['max_abs_diff']:.2e} against torch.nn.{reference}"),
+        ("forward error", _format_forward_error(report, reference)),
         ("contraction", _format_contraction(report)),
         ("time", f"{report['solver_seconds']:.4f} s solver, {report['reference_seconds']:.4f} s torch.nn "
                  f"(ratio {report['time_ratio']:.2f}; median of {report['repeats']})"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _format_forward_error(report: dict[str, Any], reference: str) -> str:
+    """The estimated errors of the answer and of torch.nn's, against the exact solution."""
+    def size(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1e}"
+
+    refined = report["refinements"]
+    note = f", after {refined} refinement{'s' if refined != 1 else ''}" if refined else ""
+    return (f"{size(report['forward_error_estimate'])} solver{note}, "
+            f"{size(report['torch_forward_error_estimate'])} torch.nn.{reference} "
+            "(estimates of max |value − exact|, linearised, in float64)")
 
 
 def _format_contraction(report: dict[str, Any]) -> str:

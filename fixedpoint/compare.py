@@ -19,7 +19,8 @@ from torch import Tensor
 from fixedpoint.network import Network
 from fixedpoint.solve import NetworkSolution, solve_network
 from fixedpoint.contraction import ContractionReport, Norm, analyze, estimated_step_norms
-from fixedpoint.solvers import DEFAULT_TOLERANCES, Picard, Solver
+from fixedpoint.forward_error import forward_error_estimate
+from fixedpoint.solvers import DEFAULT_TOLERANCES, Picard, Sequential, Solver
 
 
 @dataclass
@@ -33,6 +34,11 @@ class Comparison:
         reference_seconds: median wall time of the ``torch.nn`` module's forward.
         repeats: timed repetitions of each.
         lipschitz_estimated: with ``certify``, ``max ‖J_t‖`` along every solved layer (estimate).
+        forward_error: estimated ``max |output − exact|`` of the solve over every layer, direction
+            and sample, each layer given its inputs (:mod:`fixedpoint.forward_error`; an estimate),
+            ``None`` when the solve did not succeed.
+        reference_forward_error: the same estimate for ``torch.nn``'s own kernel on these inputs:
+            how accurate ``torch.nn`` itself is here.
     """
 
     solution: NetworkSolution
@@ -42,6 +48,8 @@ class Comparison:
     repeats: int
     lipschitz_estimated: float | None = None
     norm: str | None = None
+    forward_error: float | None = None
+    reference_forward_error: float | None = None
 
     @property
     def time_ratio(self) -> float:
@@ -155,7 +163,13 @@ def _compare(
             estimated_step_norms(s.system, s.value, certify)[1:] for s in solution.solutions if s.system.seq_len > 1
         ]
         estimated = max((float(n.max()) for n in norms), default=None)
+    phase("estimating forward errors")
+    forward_error = _forward_error(solution) if solution.converged else None
+    # torch.nn's kernel layer by layer (what the module runs), each layer's error given its inputs.
+    kernel = solve_network(network, inputs, hx, Sequential(kernel="fused"), throw=False, forward_error="estimate")
     return Comparison(
+        forward_error=forward_error,
+        reference_forward_error=_forward_error(kernel) if kernel.converged else None,
         lipschitz_estimated=estimated,
         norm=certify,
         solution=solution,
@@ -164,6 +178,18 @@ def _compare(
         reference_seconds=statistics.median(reference_times),
         repeats=repeats,
     )
+
+
+def _forward_error(solution: NetworkSolution) -> float:
+    """The largest forward-error estimate over the solves of ``solution``, estimating it now for
+    a solve that did not (a direct solver's, by default)."""
+    estimates = []
+    for single in solution.solutions:
+        estimate = single.stats.forward_error_estimate
+        if estimate is None:
+            estimate = forward_error_estimate(single.system, single.value)
+        estimates.append(float(estimate.max()))
+    return max(estimates)
 
 
 def _timed(function: Callable[[], Any], device: torch.device) -> tuple[Any, float]:

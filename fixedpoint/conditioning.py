@@ -6,7 +6,8 @@ cell Jacobians along the trajectory (derivation: docs/testing.md §1–2).  Thes
 that, to first order, from the products themselves (formed exactly, in float64), not from
 products of per-step norms, which on expanding, chaotic or trained cells multiply to vacuous
 numbers while the products do not.  They are first-order bounds around the given trajectory,
-not certificates: :mod:`fixedpoint.contraction` holds those.
+not certificates: :mod:`fixedpoint.contraction` holds those.  The estimate of one answer's
+error (rather than a bound for every error of a given size) is :mod:`fixedpoint.forward_error`.
 
 Cost: ``O(T²)`` products of ``S × S`` matrices per sample; meant for tests, the fuzz harness and
 small studies, not for every solve.
@@ -155,26 +156,6 @@ def output_order(order: Tensor, num_directions: int) -> Tensor:
     """The permutation of a layer's ``D·H`` output columns that ``order`` of the units induces."""
     hidden = order.numel()
     return torch.cat([order + direction * hidden for direction in range(num_directions)])
-
-
-def linearized_correction(system: SequenceSystem, states: Tensor) -> Tensor:
-    """``(T, B, S)`` float64: the first-order correction ``δ`` with ``S* ≈ states + δ``.
-
-    With ``r = F(S) − S`` (evaluated in float64) and ``S* = F(S*)``, linearising gives
-    ``(I − ∂F) δ = r``, i.e. the recurrence ``δ_t = J_t δ_{t−1} + r_t`` (``δ_0 = 0``), run here
-    sequentially with the exact Jacobians.  ``‖δ‖`` estimates the forward error of ``states``,
-    which a residual test alone does not bound: a residual ``ρ`` leaves an error up to about
-    ``Σ_k ‖J_t ⋯ J_{k+1}‖·ρ_k`` (``L/(1 − L)·ρ`` at a contraction rate ``L``).
-    """
-    trajectory = Trajectory.of(system, states)
-    residual = trajectory.residual()
-    correction = torch.empty_like(residual)
-    delta = torch.zeros_like(residual[0])
-    for t in range(residual.shape[0]):  # one Jacobian at a time: (B, S, S), not (T, B, S, S)
-        jacobian = trajectory.cell.jacobian(trajectory.previous[t], trajectory.projected[t])
-        delta = (jacobian @ delta.unsqueeze(-1)).squeeze(-1) + residual[t]
-        correction[t] = delta
-    return correction
 
 
 def permute_initial_state(hx: Tensor | tuple[Tensor, Tensor] | None, order: Tensor) -> Tensor | tuple[Tensor, Tensor] | None:

@@ -140,7 +140,9 @@ def solve_bytes(shape: NetworkShape, seq_len: int, batch: int, itemsize: int, so
 
     Two copies of the weights (the network and the ``torch.nn`` module), the inputs, the outputs
     of the last two layers for both sides, and one (layer, direction) solve's working set: the
-    projected inputs, the gate temporaries and the solver's buffers (``_SOLVER_STATE_BUFFERS``).
+    projected inputs, the gate temporaries and the solver's buffers (``_SOLVER_STATE_BUFFERS``);
+    then the forward-error estimate's float64 correction, float64 copies of the states and the
+    layer input, and the copy a refinement keeps to undo itself.
     """
     positions = seq_len * batch
     gate_width = GATES[shape.kind] * shape.hidden_size
@@ -152,7 +154,9 @@ def solve_bytes(shape: NetworkShape, seq_len: int, batch: int, itemsize: int, so
         + 4 * positions * output_width  # layer input and output, for the solve and for torch.nn
         + working
     )
-    return elements * itemsize
+    layer_input = max(shape.input_size, output_width)
+    forward_error = positions * (8 * (2 * shape.state_size + layer_input) + itemsize * shape.state_size)
+    return elements * itemsize + forward_error
 
 
 def approx_bytes(

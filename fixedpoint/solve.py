@@ -12,6 +12,13 @@ and the solve stops when ``ρ_b < 1`` for every sample, returning ``G`` (one mor
 than ``X``, so never worse).  Defaults for ``rtol``/``atol`` depend on the dtype
 (:data:`fixedpoint.solvers.base.DEFAULT_TOLERANCES`).
 
+Forward error.  A residual below the tolerance does not make the error so small: on an expanding
+or barely predictable network the residual is amplified along the sequence.  So after the test
+passes the driver estimates the forward error by linearised propagation of the residual
+(:mod:`fixedpoint.forward_error`), and while that estimate exceeds the tolerance it adds the
+correction to the answer (mixed-precision iterative refinement, at most
+:data:`MAX_REFINEMENTS` times, and only while each correction shrinks the next).
+
 Exact prefix.  If positions ``< p`` of ``X`` are exact, so is position ``p`` of ``G``: its
 predecessor is exact.  After every step the driver writes that exact value into the next
 iterate and stops evaluating the prefix.  So every solver terminates after at most ``T``
@@ -22,9 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -33,6 +41,7 @@ from fixedpoint.cells import all_finite, check_floating
 from fixedpoint.errors import InputError, NoConvergence
 from fixedpoint.network import Network
 from fixedpoint.contraction import ContractionReport, Norm, a_posteriori_error_bound, analyze, check_norm, state_norms
+from fixedpoint.forward_error import correction_and_residual, scaled_size
 from fixedpoint.solvers import Picard, Solver
 from fixedpoint.solvers.base import DirectSolution, check_integer
 from fixedpoint.system import SequenceSystem
@@ -81,6 +90,12 @@ class Stats:
         error_bound: with ``certify``, ``L < 1`` and a Picard or sequential solve: ``(B,)``
             certified ``max_t ‖value_t − s*_t‖ ≤ L/(1−L)·max_t ‖F(X)_t − X_t‖`` (plus rounding).
         certify_time: seconds spent on the certificate, not counted in ``wall_time``.
+        forward_error_estimate: ``(B,)`` estimated ``max_{t,j} |value − S*|`` per sample, by
+            linearised propagation of the residual in float64 (an estimate, first order;
+            :mod:`fixedpoint.forward_error`); ``None`` when not computed (``forward_error="off"``,
+            a direct solve by default, or a non-finite one).
+        refinements: corrections added to the answer because that estimate exceeded the tolerance.
+        forward_error_time: seconds spent estimating and refining, counted in ``wall_time``.
     """
 
     iterations: int
@@ -99,6 +114,17 @@ class Stats:
     predicted_iterations: Tensor | None = None
     error_bound: Tensor | None = None
     certify_time: float = 0.0
+    forward_error_estimate: Tensor | None = None
+    refinements: int = 0
+    forward_error_time: float = 0.0
+
+
+#: ``"refine"``: estimate the forward error and refine the answer while the estimate exceeds the
+#: tolerance; ``"estimate"``: estimate only; ``"off"``: neither.  See :func:`solve`.
+ForwardError = Literal["refine", "estimate", "off"]
+
+#: Most corrections the driver adds to one answer (each costs about one sequential pass).
+MAX_REFINEMENTS = 3
 
 
 class Solution:
@@ -168,6 +194,7 @@ def solve(
     throw: bool = True,
     callback: Callback | None = None,
     certify: Norm | None = None,
+    forward_error: ForwardError | None = None,
 ) -> Solution:
     """Solve ``S = F(S)`` with ``solver`` (default :class:`~fixedpoint.solvers.Picard`).
 
@@ -182,15 +209,21 @@ def solve(
         callback: see :data:`Callback`.
         certify: ``"2"`` or ``"inf"``: attach certified contraction numbers in that norm
             (:mod:`fixedpoint.contraction`) to the statistics.
+        forward_error: ``"refine"``, ``"estimate"`` or ``"off"`` (:data:`ForwardError`).  Default
+            ``None``: ``"refine"`` for an iterative solver, ``"off"`` for a direct one, which
+            runs the recurrence itself (ask for ``"estimate"`` to learn how accurate that is).
+            Refinement applies only to a solve that met its tolerance.
 
     Returns:
         A :class:`Solution` whose ``value`` is the last image ``F(X)`` (also when ``max_steps``
         ran out); ``stats.residual`` is the scaled ``|F(X) − X|`` of that last ``X``.  After a
-        non-finite image the value is the last finite iterate and the residual is ``inf``.
+        non-finite image the value is the last finite iterate and the residual is ``inf``.  When
+        the answer was refined, ``value`` is the refined answer and ``stats.residual`` its own
+        scaled residual, evaluated in float64.
     """
     # Nothing to differentiate: skip autograd's bookkeeping (≈10 % of torch's fused LSTM kernel).
     with contextlib.nullcontext() if _tracks_gradients(system) else torch.no_grad():
-        return _solve(system, solver, initial_guess, max_steps, throw, callback, certify)
+        return _solve(system, solver, initial_guess, max_steps, throw, callback, certify, forward_error)
 
 
 def _tracks_gradients(system: SequenceSystem) -> bool:
@@ -207,10 +240,13 @@ def _solve(
     throw: bool,
     callback: Callback | None,
     certify: Norm | None,
+    forward_error: ForwardError | None,
 ) -> Solution:
     solver = Picard() if solver is None else solver
     if not isinstance(solver, Solver):
         raise InputError(f"solver must be a Solver configuration such as Picard(), got {solver!r}")
+    if forward_error not in (None, "refine", "estimate", "off"):
+        raise InputError(f"forward_error must be 'refine', 'estimate', 'off' or None, got {forward_error!r}")
     steps, batch, _ = system.state_shape
     if max_steps is None:
         max_steps = steps
@@ -233,7 +269,9 @@ def _solve(
     direct = solver.solve_directly(system)
     if direct is not None:
         _synchronize(device)
-        return _direct_solution(system, solver, direct, time.perf_counter() - started, report, certify_time, throw)
+        return _direct_solution(
+            system, solver, direct, time.perf_counter() - started, report, certify_time, throw, forward_error or "off"
+        )
     if initial_guess is None:
         iterate = torch.zeros(system.state_shape, dtype=system.initial_state.dtype, device=device)
     else:
@@ -287,6 +325,10 @@ def _solve(
         if prefix == steps:  # every position exact
             result = Result.successful
             break
+    forward = None
+    if (forward_error or "refine") != "off" and result is not Result.nonfinite:
+        refine = forward_error != "estimate" and result is Result.successful and prefix < steps
+        forward = _estimate_forward_error(system, iterate, refine, rtol, atol)
     _synchronize(iterate.device)
     wall_time = time.perf_counter() - started
 
@@ -299,6 +341,8 @@ def _solve(
     final_residual = residual_history[-1] if scaled_history else iterate.new_full((batch,), float("inf"))
     if result is Result.successful and prefix == steps:
         final_residual = torch.zeros_like(final_residual)
+    if forward is not None and forward.residual is not None:
+        final_residual = forward.residual.to(final_residual.dtype)
     stats = Stats(
         iterations=iteration,
         residual=final_residual,
@@ -313,6 +357,8 @@ def _solve(
         solver={"method": solver.name, **solver.statistics(state)},
         nonfinite_at=nonfinite_at,
     )
+    if forward is not None:
+        _attach_forward_error(stats, forward)
     if report is not None:
         _attach_certificate(stats, report, certify_time)
         # Picard iterates from zero stay in the box where L holds.
@@ -326,6 +372,50 @@ def _solve(
     if throw and not solution.converged:
         raise NoConvergence(solution)
     return solution
+
+
+@dataclass
+class _ForwardError:
+    """What :func:`_estimate_forward_error` found: ``estimate (B,)``, the refinements added, the
+    scaled residual ``(B,)`` of the refined answer (``None`` when unrefined) and the seconds."""
+
+    estimate: Tensor
+    refinements: int
+    residual: Tensor | None
+    seconds: float
+
+
+def _estimate_forward_error(
+    system: SequenceSystem, states: Tensor, refine: bool, rtol: float, atol: float
+) -> _ForwardError:
+    """Estimate the forward error of ``states (T, B, S)`` and, with ``refine``, add corrections
+    in place while the estimate exceeds the tolerance and each correction shrinks the next; a
+    correction that does not (rounding dominates, or the linearisation no longer holds) is undone."""
+    started = time.perf_counter()
+    correction, _ = correction_and_residual(system, states, tolerances=(rtol, atol))
+    size = float(correction.abs().max())
+    residual = None
+    refinements = 0
+    while refine and refinements < MAX_REFINEMENTS and math.isfinite(size) and size > 0:
+        if bool((scaled_size(correction, states, rtol, atol) < 1).all()):
+            break
+        saved = states.clone()
+        states += correction.to(states.dtype)
+        new_correction, new_residual = correction_and_residual(system, states, tolerances=(rtol, atol))
+        new_size = float(new_correction.abs().max())
+        if not new_size < size:
+            states.copy_(saved)
+            break
+        correction, residual, size = new_correction, new_residual, new_size
+        refinements += 1
+    estimate = correction.abs().amax(dim=(0, 2)).to(states.dtype)
+    return _ForwardError(estimate, refinements, residual, time.perf_counter() - started)
+
+
+def _attach_forward_error(stats: Stats, forward: _ForwardError) -> None:
+    stats.forward_error_estimate = forward.estimate
+    stats.refinements = forward.refinements
+    stats.forward_error_time = forward.seconds
 
 
 def _attach_certificate(stats: Stats, report: ContractionReport, certify_time: float) -> None:
@@ -342,10 +432,12 @@ def _direct_solution(
     report: ContractionReport | None,
     certify_time: float,
     throw: bool,
+    forward_error: ForwardError,
 ) -> Solution:
     """Statistics for a solver that returned the solution without iterating: no evaluation of
     ``F`` and no residual (0 iterations, empty histories), exact by construction unless the
-    recurrence itself overflowed (``nonfinite_at = (0, position)``)."""
+    recurrence itself overflowed (``nonfinite_at = (0, position)``); the forward error is
+    estimated (never refined: the answer is the recurrence's own) unless ``forward_error="off"``."""
     steps, batch, _ = system.state_shape
     states = direct.states if direct.states is not None else direct.hidden
     rtol, atol = solver.tolerances(states.dtype)
@@ -377,6 +469,10 @@ def _direct_solution(
         if report.certified is not None and result is Result.successful:
             stats.error_bound = states.new_zeros(batch)  # exact: no step left to bound
     solution = Solution(direct.states, result, stats, system, hidden=direct.hidden, final_state=direct.final)
+    if forward_error != "off" and result is Result.successful:
+        forward = _estimate_forward_error(system, solution.value, False, rtol, atol)
+        _attach_forward_error(stats, forward)
+        stats.wall_time += forward.seconds
     if throw and not solution.converged:
         raise NoConvergence(solution)
     return solution
@@ -446,6 +542,7 @@ def solve_network(
     throw: bool = True,
     callback: Callable[[int, int, int, Tensor, Tensor], None] | None = None,
     certify: Norm | None = None,
+    forward_error: ForwardError | None = None,
 ) -> NetworkSolution:
     """Solve every layer and direction of ``network`` on ``inputs``, like ``module(inputs, hx)``.
 
@@ -454,7 +551,8 @@ def solve_network(
         inputs: ``(T, B, I)``, or ``(B, T, I)`` when ``network.batch_first``.
         hx: initial states as ``torch.nn`` takes them: ``h_0 (L·D, B, H)``, for LSTM
             ``(h_0, c_0)``; zeros when ``None``.
-        solver, max_steps, throw, certify: as for :func:`solve`, per layer and direction.
+        solver, max_steps, throw, certify, forward_error: as for :func:`solve`, per layer and
+            direction (each layer's forward error is estimated for the inputs it was given).
         callback: ``callback(layer, direction, iteration, iterate, image)``.
 
     The reverse direction is the same system on the time-reversed input.  Layer ``l + 1``
@@ -481,7 +579,10 @@ def solve_network(
             hook = None
             if callback is not None:
                 hook = lambda k, x, g, l=layer_index, d=direction: callback(l, d, k, x, g)  # noqa: E731
-            solution = solve(system, solver, max_steps=max_steps, throw=throw, callback=hook, certify=certify)
+            solution = solve(
+                system, solver, max_steps=max_steps, throw=throw, callback=hook, certify=certify,
+                forward_error=forward_error,
+            )
             solutions.append(solution)
             hidden = solution.hidden
             outputs.append(hidden.flip(0) if direction else hidden)

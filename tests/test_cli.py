@@ -18,6 +18,7 @@ from fixedpoint.cli import main
 REQUIRED_KEYS = {
     "cell", "seq_len", "batch", "hidden", "layers", "dtype", "device", "solver", "converged",
     "iterations", "residual", "max_abs_diff", "solver_seconds", "reference_seconds", "residual_history",
+    "forward_error_estimate", "torch_forward_error_estimate", "refinements",
 }
 
 
@@ -52,6 +53,7 @@ def test_json_contract_and_exactness(capsys, cell, solver):
     assert report["dtype"] == "float64" and report["device"] == "cpu" and report["solver"] == solver
     assert report["max_abs_diff"] <= 1e-10
     assert report["residual"] < 1
+    assert 0 <= report["forward_error_estimate"] <= 1e-10 and 0 <= report["torch_forward_error_estimate"] <= 1e-10
     direct = solver in ("sequential", "auto")  # auto runs the fused sequential kernel on a CPU
     assert (0 if direct else 2) <= report["iterations"] <= 2 * 37
     assert len(report["residual_history"]) == 2
@@ -69,6 +71,10 @@ def test_float32_and_bidirectional(capsys):
     assert code == 0 and report["dtype"] == "float32" and report["bidirectional"] is True
     assert report["max_abs_diff"] <= 1e-5
     assert len(report["iterations_per_solve"]) == 2
+    # float32 rounding, seen in float64: both answers' errors, which between them explain the difference
+    solver_error, torch_error = report["forward_error_estimate"], report["torch_forward_error_estimate"]
+    assert 1e-9 <= solver_error <= 1e-5 and 1e-9 <= torch_error <= 1e-5
+    assert report["max_abs_diff"] <= 10 * (solver_error + torch_error)
 
 
 def test_not_converged_exits_1_and_says_so(capsys):

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from conftest import CELL_IDS, CELLS, generator, make_hx, randn
 from fixedpoint import InputError, Network, Picard, SequenceSystem, solve, solve_network
 from fixedpoint.conditioning import (
-    linearized_correction,
     output_order,
     permute_hidden_units,
     position_errors,
@@ -47,35 +46,6 @@ def test_propagated_bound_holds_for_every_error_sequence(cell, scale, seed):
         for t in range(states.shape[0]):
             error = (jacobians[t] @ error.unsqueeze(-1)).squeeze(-1) + deltas[t]
             assert bool((error.norm(dim=-1) <= bound[t] * (1 + 1e-10) + 1e-300).all())
-
-
-@pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
-@pytest.mark.parametrize("scale", [0.5, 2.0])
-def test_linearized_correction_is_newton_accurate(kind, nonlinearity, scale):
-    """Perturb the exact solution by ε: states + δ recovers it to O(ε²) — the correction is one
-    exact Newton step, so it estimates the forward error of any near-solution."""
-    system = system_of(kind, nonlinearity, scale, seed=3)
-    exact = system.sequential()
-    epsilon = 1e-6
-    perturbed = exact + epsilon * randn(*exact.shape, seed=9)
-    correction = linearized_correction(system, perturbed)
-    before = float((perturbed - exact).abs().max())
-    after = float((perturbed + correction - exact).abs().max())
-    assert before > 1e-7
-    assert after <= 1e-3 * before  # second order: ~ε² times the curvature, far below ε
-    # At the solution itself there is nothing to correct beyond rounding.
-    assert float(linearized_correction(system, exact).abs().max()) <= 1e-12 * max(1.0, float(exact.abs().max()))
-
-
-def test_linearized_correction_estimates_a_solve_s_error():
-    """A Picard solve stopped by a loose tolerance: the correction predicts its error."""
-    system = system_of("gru", "tanh", 1.0, seed=5, steps=80)
-    solution = solve(system, Picard(rtol=1e-6, atol=1e-6))
-    assert solution.stats.exact_prefix < system.seq_len  # stopped by the tolerance
-    error = solution.value - system.sequential()
-    predicted = -linearized_correction(system, solution.value)
-    assert float(error.abs().max()) > 1e-9
-    assert float((predicted - error).abs().max()) <= 1e-2 * float(error.abs().max())
 
 
 def test_rounding_and_tolerance_locals():

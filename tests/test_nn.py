@@ -300,6 +300,19 @@ def test_transposed_jacobian_product_is_the_transposed_jacobian(cell, hidden, ba
     assert (got - expected).abs().max().item() <= 1e-13
 
 
+@given(cell=st.sampled_from(CELLS), hidden=st.integers(1, 5), batch=st.integers(1, 3))
+def test_jacobian_product_is_the_jacobian(cell, hidden, batch):
+    kind, nonlinearity = cell
+    network = Network.random(kind, 3, hidden, nonlinearity=nonlinearity, seed=hidden)
+    unit = network.cells[0][0]
+    state = randn(4, batch, unit.state_size, seed=1)
+    projected = unit.input_projection(randn(4, batch, 3, seed=2))
+    vector = randn(4, batch, unit.state_size, seed=3)
+    expected = (unit.jacobian(state, projected) @ vector.unsqueeze(-1)).squeeze(-1)
+    got = unit.jacobian_product(unit.linearization(state, projected), vector)
+    assert (got - expected).abs().max().item() <= 1e-13
+
+
 def test_solution_gradients_need_only_what_is_asked():
     network = Network.random("gru", 2, 3, seed=1)
     system = SequenceSystem.build(network.cells[0][0], randn(5, 2, 2, seed=1))
