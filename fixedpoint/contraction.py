@@ -312,6 +312,18 @@ def certified_global_bound(cell: Cell, norm: Norm = "2", seq_len: int | None = N
     raise InputError(f"no contraction analysis for {type(cell).__name__}")
 
 
+def global_bound_applies(system: SequenceSystem) -> bool:
+    """Whether :func:`certified_global_bound` bounds every step of ``system``: always for Elman;
+    for GRU when ``s_0`` lies in the box ``[−1, 1]`` the bound assumes; for LSTM when ``s_0 = 0``,
+    from which its cell-state range is derived."""
+    cell, initial = system.cell, system.initial_state
+    if isinstance(cell, ElmanCell):
+        return True
+    if isinstance(cell, GRUCell):
+        return bool((initial.abs() <= 1).all())
+    return bool((initial == 0).all())
+
+
 def _unbounded_input_bound(cell: Cell, norm: Norm, seq_len: int) -> float:
     """The step bound with every input projection in ``(−inf, inf)`` and ``s_0 = 0``: the
     worst case over all inputs, for states in the cell's box."""
@@ -439,7 +451,8 @@ class ContractionReport:
         norm: ``"2"`` or ``"inf"`` (LSTM: of ``max(‖h‖, ‖c‖)``).
         global_bound: certified for every input (GRU/LSTM: ≥ 1, no uniform contraction).
         conditional_bound: certified for this input sequence, ``max_{t ≥ 2, b} L_t``.
-        conditional_steps: ``(T, B)`` certified ``L_t``.
+        conditional_steps: ``(T, B)`` certified ``L_t``: each step's data-conditional bound, or the
+            global bound where that is smaller and applies (:func:`global_bound_applies`).
         estimated: ``max_{t ≥ 2, b} ‖J_t‖`` along the given trajectory, or None without one.
         predicted_iterations: ``(B,)`` a-priori Picard iterations to ``atol`` (certified).
         verdict: ``contractive``, ``contractive on these inputs`` or
@@ -465,9 +478,13 @@ def analyze(system: SequenceSystem, norm: Norm = "2", *, atol: float, states: Te
     """The contraction report of ``system``; ``states (T, B, S)`` (e.g. the solution) adds estimates."""
     norm = check_norm(norm)
     bounds = certified_step_bounds(system, norm)
+    global_bound = certified_global_bound(system.cell, norm, seq_len=system.seq_len)
+    if global_bound_applies(system):
+        # Both bound every step's L_t for these inputs: the smaller one is the better certificate
+        # (interval arithmetic on narrow input ranges can come out looser than on unbounded ones).
+        bounds = StepBounds(bounds.lipschitz.clamp(max=global_bound), bounds.state_norm)
     relevant = bounds.lipschitz[1:] if system.seq_len > 1 else bounds.lipschitz[:0]
     conditional = float(relevant.max()) if relevant.numel() else 0.0
-    global_bound = certified_global_bound(system.cell, norm, seq_len=system.seq_len)
     estimated = None
     if states is not None and system.seq_len > 1:
         estimated = float(estimated_step_norms(system, states, norm)[1:].max())
