@@ -40,6 +40,7 @@ from fixedpoint.contraction import (
     certified_global_bound,
     certified_step_bounds,
     estimated_step_norms,
+    global_bound_applies,
     predicted_picard_iterations,
     scale_to_certified_bound,
 )
@@ -615,3 +616,25 @@ def test_scale_to_certified_bound_global():
     gru = Network.random("gru", 3, 6, seed=4).cells[0][0]
     with pytest.raises(InputError, match="data-conditional"):
         scale_to_certified_bound(gru, 0.5, "2")
+
+
+@settings(max_examples=20, deadline=None)
+@given(cell=st.sampled_from(["elman", "gru", "lstm"]), scale=st.floats(0.5, 4.0), input_scale=st.floats(0.1, 10.0),
+       initial=st.sampled_from([0.0, 0.5, 2.0]), seed=st.integers(0, 1000))
+def test_report_takes_the_smaller_certified_bound_where_the_global_one_applies(cell, scale, input_scale, initial, seed):
+    """Per step, the report's L_t is min(data-conditional L_t, global bound) when the global bound
+    covers this s_0 (Elman always; GRU for |s_0| ≤ 1; LSTM for s_0 = 0), else the conditional
+    L_t unchanged: so the bound for the given inputs never exceeds the bound for every input."""
+    network = Network.random(cell, 3, 5, scale=scale, seed=seed)
+    unit = network.cells[0][0]
+    inputs = input_scale * torch.randn(20, 2, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    system = SequenceSystem.build(unit, inputs, torch.full((2, unit.state_size), initial, dtype=torch.float64))
+    raw = certified_step_bounds(system, "2").lipschitz
+    global_bound = certified_global_bound(unit, "2", seq_len=20)
+    report = analyze(system, "2", atol=1e-12)
+    applies = cell == "elman" or (cell == "gru" and initial <= 1) or (cell == "lstm" and initial == 0)
+    assert global_bound_applies(system) == applies
+    expected = raw.clamp(max=global_bound) if applies else raw
+    assert torch.equal(report.conditional_steps, expected)
+    if applies:
+        assert report.conditional_bound <= global_bound
