@@ -97,7 +97,12 @@ def test_finite_termination(system, data):
     if k >= 1:
         solution = solve(system, Picard(), max_steps=k, throw=False)
         event(solution.result.name)
-        assert close(solution.value[:k], exact[:k]) <= 1e-12
+        prefix = min(solution.stats.exact_prefix, k)
+        assert close(solution.value[:prefix], exact[:prefix]) <= 1e-12
+        # Positions past the exact prefix of a solve that stopped by its tolerance are within the
+        # tolerance (the driver's forward-error check refines them otherwise), up to its estimate's slack.
+        rest = (solution.value[prefix:k] - exact[prefix:k]).abs()
+        assert bool((rest <= 2 * (1e-12 + 1e-12 * exact[prefix:k].abs()) + 1e-15).all())
         if solution.result is Result.max_steps_reached:
             assert solution.stats.iterations == k
             assert solution.stats.exact_prefix == k
