@@ -18,6 +18,7 @@ figures: $(STAMP)
 	$(PY) analysis/contraction.py
 	$(PY) analysis/newton_family.py
 	$(PY) analysis/approx_depth.py
+	$(PY) analysis/predictability.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -449,11 +449,40 @@ def _report(
         "error_bound": _all_or_none(
             [None if s.stats.error_bound is None else float(s.stats.error_bound.max()) for s in solutions], max
         ),
+        "predictability": _predictability_fields([p.summary() for p in comparison.predictability]),
         "forward_error_estimate": comparison.forward_error,
         "torch_forward_error_estimate": comparison.reference_forward_error,
         "refinements": sum(s.stats.refinements for s in solutions),
         "torch_version": torch.__version__,
     }
+
+
+def _predictability_fields(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The least predictable (layer, direction)'s numbers, iterations summed over all of them
+    (what a whole-network solve would take), each an estimate; ``None`` without summaries."""
+    if not summaries:
+        return None
+    worst = max(summaries, key=lambda s: s["lyapunov_exponent"])
+    return {
+        "lyapunov_exponent": worst["lyapunov_exponent"],
+        "memory_length": worst["memory_length"],
+        "max_window_growth": max(s["max_window_growth"] for s in summaries),
+        "window": worst["window"],
+        "predicted_iterations": {
+            method: sum(s["predicted_iterations"][method] for s in summaries) for method in worst["predicted_iterations"]
+        },
+        "per_solve": summaries,
+    }
+
+
+def _format_predictability(fields: dict[str, Any] | None) -> str:
+    if fields is None:
+        return "not estimated (the solve did not succeed)"
+    memory = fields["memory_length"]
+    predicted = ", ".join(f"{method} {count}" for method, count in fields["predicted_iterations"].items())
+    return (f"largest Lyapunov exponent {fields['lyapunov_exponent']:+.3g}/step (memory "
+            f"{'∞' if math.isinf(memory) else f'{memory:.3g}'} steps, growth ≤ {fields['max_window_growth']:.3g}× "
+            f"over {fields['window']} steps); predicted iterations {predicted} (estimates)")
 
 
 def _problem_fields(network: Network, inputs: torch.Tensor) -> dict[str, Any]:
@@ -504,6 +533,7 @@ def _format_table(report: dict[str, Any]) -> str:
         ("residual", f"{report['residual']:.2e} (scaled: < 1 is within tolerance)"),
         ("max |diff|", f"{report['max_abs_diff']:.2e} against torch.nn.{reference}"),
         ("forward error", _format_forward_error(report, reference)),
+        ("predictability", _format_predictability(report["predictability"])),
         ("contraction", _format_contraction(report)),
         ("time", f"{report['solver_seconds']:.4f} s solver, {report['reference_seconds']:.4f} s torch.nn "
                  f"(ratio {report['time_ratio']:.2f}; median of {report['repeats']})"),
@@ -646,6 +676,7 @@ def _run_check(args: argparse.Namespace) -> int:
         "observed_iterations": sum(c.picard_iterations for c in checks),
         "observed_rate": _all_or_none([c.observed_rate for c in checks], max),
         "verdict": max((r.verdict for r in reports), key=order.index),
+        "predictability": _predictability_fields([c.predictability.summary() for c in checks]),
         "per_solve": [
             {
                 "layer": c.layer,
@@ -675,11 +706,26 @@ def _run_check(args: argparse.Namespace) -> int:
         ("estimated ‖J_t‖ on solution", f"{estimated}  (estimate, no guarantee)"),
         ("predicted Picard iterations", f"{result['predicted_iterations']}  (certified, to atol {result['atol']:g})"),
         ("observed Picard iterations", f"{result['observed_iterations']}, rate {rate}  (observed)"),
-        ("verdict", result["verdict"]),
+        ("predictability", _format_predictability(result["predictability"])),
+        ("verdict", _verdict_with_prediction(result)),
     ]
     width = max(len(name) for name, _ in rows)
     _emit("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     return 0
+
+
+def _verdict_with_prediction(result: dict[str, Any]) -> str:
+    """The certified verdict; when nothing below 1 is certified, what is predicted instead."""
+    verdict = result["verdict"]
+    fields = result["predictability"]
+    if not verdict.startswith("not certified") or fields is None:
+        return verdict
+    exponent = fields["lyapunov_exponent"]
+    kind = "predictable" if exponent < 0 else "not predictable"
+    predicted = fields["predicted_iterations"]
+    steps = result["seq_len"] * result["layers"] * (2 if result["bidirectional"] else 1)
+    return (f"{verdict}; estimated: {kind} (λ {exponent:+.3g}/step), Picard about {predicted['picard']} and "
+            f"quasi-Newton about {predicted['quasi-newton']} iterations of at most {steps}")
 
 
 class _TrainingProgress(_StatusLine):

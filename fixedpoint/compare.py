@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -20,6 +20,7 @@ from fixedpoint.network import Network
 from fixedpoint.solve import NetworkSolution, solve_network
 from fixedpoint.contraction import ContractionReport, Norm, analyze, estimated_step_norms
 from fixedpoint.forward_error import forward_error_estimate
+from fixedpoint.predictability import Predictability, predictability
 from fixedpoint.solvers import DEFAULT_TOLERANCES, Picard, Sequential, Solver
 
 
@@ -39,6 +40,9 @@ class Comparison:
             ``None`` when the solve did not succeed.
         reference_forward_error: the same estimate for ``torch.nn``'s own kernel on these inputs:
             how accurate ``torch.nn`` itself is here.
+        predictability: per (layer, direction), the Lyapunov exponent and predicted iterations
+            along the solution (:mod:`fixedpoint.predictability`; estimates); empty when the
+            solve did not succeed.
     """
 
     solution: NetworkSolution
@@ -50,6 +54,7 @@ class Comparison:
     norm: str | None = None
     forward_error: float | None = None
     reference_forward_error: float | None = None
+    predictability: list[Predictability] = field(default_factory=list)
 
     @property
     def time_ratio(self) -> float:
@@ -163,12 +168,14 @@ def _compare(
             estimated_step_norms(s.system, s.value, certify)[1:] for s in solution.solutions if s.system.seq_len > 1
         ]
         estimated = max((float(n.max()) for n in norms), default=None)
-    phase("estimating forward errors")
+    phase("estimating predictability and forward errors")
+    along = [_predictability(single) for single in solution.solutions] if solution.converged else []
     forward_error = _forward_error(solution) if solution.converged else None
     # torch.nn's kernel layer by layer (what the module runs), each layer's error given its inputs.
     kernel = solve_network(network, inputs, hx, Sequential(kernel="fused"), throw=False, forward_error="estimate")
     return Comparison(
         forward_error=forward_error,
+        predictability=along,
         reference_forward_error=_forward_error(kernel) if kernel.converged else None,
         lipschitz_estimated=estimated,
         norm=certify,
@@ -178,6 +185,11 @@ def _compare(
         reference_seconds=statistics.median(reference_times),
         repeats=repeats,
     )
+
+
+def _predictability(single: Any) -> Predictability:
+    """Predictability along one solved (layer, direction), for its own tolerance."""
+    return predictability(single.system, single.value, rtol=single.stats.rtol, atol=single.stats.atol)
 
 
 def _forward_error(solution: NetworkSolution) -> float:
@@ -212,6 +224,7 @@ class LayerCheck:
     report: ContractionReport
     observed_rate: float | None
     picard_iterations: int
+    predictability: Predictability | None = None
 
 
 def check_network(
@@ -241,5 +254,8 @@ def check_network(
         for direction, single in enumerate(layer):
             phase(f"certifying layer {layer_index} direction {direction}")
             report = analyze(single.system, norm, atol=atol, states=single.value)
-            checks.append(LayerCheck(layer_index, direction, report, single.stats.rate, single.stats.iterations))
+            phase(f"estimating predictability of layer {layer_index} direction {direction}")
+            rtol, _ = Picard().tolerances(network.dtype)
+            along = predictability(single.system, single.value, rtol=rtol, atol=atol)
+            checks.append(LayerCheck(layer_index, direction, report, single.stats.rate, single.stats.iterations, along))
     return checks

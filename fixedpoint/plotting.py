@@ -520,3 +520,50 @@ def plot_paper_table(data: Mapping[str, Any], path: str | os.PathLike) -> Figure
                     f"{meta['device']}, {meta['date'][:10]})", fontsize=10)
     _save(figure, path)
     return figure
+
+
+CELL_COLOURS = {"elman-tanh": "tab:blue", "elman-relu": "tab:cyan", "gru": "tab:orange", "lstm": "tab:green"}
+
+
+def plot_predictability(data: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """Predicted against observed iterations, one panel per method (log–log), the 2× band shaded.
+
+    ``data["cases"]``: each with ``cell``, ``seed`` (0: fitting half, filled; 1: held out,
+    hollow), ``seq_len``, ``predicted`` and ``observed`` (method → count, ``None`` when the solve
+    did not converge: not drawn).  ``data["meta"]``: ``date``, ``platform``.
+    """
+    methods = list(data["cases"][0]["observed"]) if data["cases"] else []
+    figure = Figure(figsize=(5.0 * max(len(methods), 1), 4.8), layout="constrained")
+    axes = figure.subplots(1, max(len(methods), 1), squeeze=False)[0]
+    for axis, method in zip(axes, methods):
+        drawn = [c for c in data["cases"] if c["observed"][method] is not None]
+        largest = max([max(c["observed"][method], c["predicted"][method]) for c in drawn], default=10)
+        line = np.array([1, largest * 2])
+        axis.fill_between(line, line / 2, line * 2, color="0.9", label="within 2×")
+        axis.plot(line, line, color="0.5", lw=1)
+        for cell, colour in CELL_COLOURS.items():
+            for seed, face in ((0, colour), (1, "none")):
+                rows = [c for c in drawn if c["cell"] == cell and c["seed"] == seed]
+                if rows:
+                    axis.scatter([c["observed"][method] for c in rows], [c["predicted"][method] for c in rows],
+                                 s=22, facecolors=face, edgecolors=colour,
+                                 label=f"{cell}{' (held out)' if seed else ''}")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlim(1, largest * 2)
+        axis.set_ylim(1, largest * 2)
+        axis.set_xlabel("observed iterations")
+        axis.set_title(method, fontsize=10)
+    axes[0].set_ylabel("predicted iterations (estimate)")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    meta = data.get("meta", {})
+    figure.suptitle(
+        "Iterations predicted from the largest Lyapunov exponent's window growth, against observed; "
+        f"synthetic suite, {meta.get('platform', 'CPU')}, {meta.get('date', '')[:10]}",
+        fontsize=9,
+    )
+    _save(figure, path)
+    return figure
+
+
+__all__ += ["plot_predictability"]

@@ -54,6 +54,8 @@ def test_json_contract_and_exactness(capsys, cell, solver):
     assert report["max_abs_diff"] <= 1e-10
     assert report["residual"] < 1
     assert 0 <= report["forward_error_estimate"] <= 1e-10 and 0 <= report["torch_forward_error_estimate"] <= 1e-10
+    per_solve = report["predictability"]["per_solve"]
+    assert len(per_solve) == 2 and all(p["lyapunov_exponent"] < 0 for p in per_solve)
     direct = solver in ("sequential", "auto")  # auto runs the fused sequential kernel on a CPU
     assert (0 if direct else 2) <= report["iterations"] <= 2 * 37
     assert len(report["residual_history"]) == 2
@@ -247,6 +249,11 @@ def test_check_json_contract(capsys, cell, norm):
     assert 1 <= report["predicted_iterations"] <= 40
     if cell != "elman":
         assert report["global_bound"] >= 1  # no uniform contraction for gated cells
+    # Estimates beside the certificates: torch's initialisation is predictable (λ < 0).
+    predicted = report["predictability"]
+    assert predicted["lyapunov_exponent"] < 0 and predicted["memory_length"] > 0
+    assert set(predicted["predicted_iterations"]) == {"picard", "quasi-newton", "newton"}
+    assert all(1 <= count <= 40 for count in predicted["predicted_iterations"].values())
 
 
 @pytest.mark.parametrize("norm", ["2", "inf"])
