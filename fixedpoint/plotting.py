@@ -567,3 +567,55 @@ def plot_predictability(data: Mapping[str, Any], path: str | os.PathLike) -> Fig
 
 
 __all__ += ["plot_predictability"]
+
+
+def plot_trained_networks(data: Mapping[str, Any], path: str | os.PathLike) -> Figure:
+    """Per trained network: the growth ``g_t`` along the solution (left, with its 50-step mean),
+    and per dtype the observed iterations of every solver beside the predictions (right).
+
+    ``data["networks"]``: each with ``name`` and ``problems``: ``dtype``, ``seq_len``, ``growth``
+    (one sample's ``g_t``), ``lyapunov``, ``predicted`` (method → count) and ``runs`` (``solver``,
+    ``iterations``, ``converged``).
+    """
+    networks = data["networks"]
+    figure = Figure(figsize=(12, 4.2 * len(networks)), layout="constrained")
+    axes = figure.subplots(len(networks), 2, squeeze=False)
+    for row, network in zip(axes, networks):
+        growth_axis, count_axis = row
+        first = network["problems"][0]
+        growth = np.asarray(first["growth"], dtype=float)
+        growth_axis.plot(np.arange(1, growth.size + 1), growth, lw=0.6, color="0.6", label="g_t = log ‖J_t v_{t−1}‖")
+        if growth.size >= 50:
+            window = np.convolve(growth, np.ones(50) / 50, mode="valid")
+            growth_axis.plot(np.arange(50, growth.size + 1), window, lw=1.6, color="tab:blue", label="50-step mean")
+        growth_axis.axhline(0, color="k", lw=0.8)
+        growth_axis.set_xlabel("step t")
+        growth_axis.set_ylabel("log growth per step (estimate)")
+        growth_axis.set_title(f"{network['name']}: λ ≈ {max(first['lyapunov']):+.4f}/step ({first['dtype']})", fontsize=9)
+        growth_axis.legend(fontsize=8)
+        labels, width = [], 0.8 / (2 * len(network["problems"]))
+        for index, problem in enumerate(network["problems"]):
+            runs = problem["runs"]
+            labels = [run["solver"] for run in runs]
+            positions = np.arange(len(runs))
+            observed = [run["iterations"] for run in runs]
+            predicted = [problem["predicted"].get(run["solver"], np.nan) for run in runs]
+            offset = (2 * index - len(network["problems"]) + 0.5) * width
+            count_axis.bar(positions + offset, observed, width, label=f"observed, {problem['dtype']}",
+                           color=["tab:blue", "tab:orange"][index % 2],
+                           hatch=["" if run["converged"] else "//" for run in runs])
+            count_axis.bar(positions + offset + width, predicted, width, label=f"predicted, {problem['dtype']}",
+                           color=["tab:blue", "tab:orange"][index % 2], alpha=0.35)
+        count_axis.axhline(first["seq_len"], color="k", lw=0.8, ls="--", label=f"T = {first['seq_len']}")
+        count_axis.set_xticks(np.arange(len(labels)), labels, fontsize=8)
+        count_axis.set_yscale("log")
+        count_axis.set_ylabel("iterations (hatched: not converged)")
+        count_axis.legend(fontsize=7)
+    meta = data.get("meta", {})
+    figure.suptitle(f"Trained networks on synthesised speech; {meta.get('platform', 'CPU')}, {meta.get('date', '')[:10]}",
+                    fontsize=9)
+    _save(figure, path)
+    return figure
+
+
+__all__ += ["plot_trained_networks"]

@@ -1,0 +1,233 @@
+"""Trained networks as a study set: every solver, the predictions beside what happened, forward errors.
+
+For each trained network of :mod:`fixedpoint.trained` on real inputs — speech synthesised with
+espeak-ng (the Debian package), resampled to 16 kHz, B utterances of different voices and
+texts — and each dtype: iterations, result, time against ``torch.nn`` (same process, medians),
+the largest error against the float64 sequential loop, the forward-error estimate, and the
+predictability estimates before solving (256-step prefix) and along the solution, beside the
+observed iteration counts.  ``torch.nn``'s own float32 output gets the same error measurement.
+
+Before anything else it checks the loading: the network, with the package's encoder and head,
+must reproduce the package's own model output on the same audio.
+
+Writes ``figures/trained_networks.json``, ``figures/trained_networks.png`` and the generated part
+of ``docs/trained_networks.md``.  Needs ``pip install --no-deps silero-vad`` and espeak-ng.
+
+    python analysis/trained_networks.py [--quick] [--out DIR] [--budget SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.signal import resample_poly
+
+from _common import add_output_arguments, metadata, output_directory, write_and_reload, write_generated_section
+from fixedpoint import Anderson, Newton, Picard, QuasiNewton, SequenceSystem, solve
+from fixedpoint.forward_error import forward_error_estimate
+from fixedpoint.plotting import plot_trained_networks
+from fixedpoint.predictability import predictability
+from fixedpoint.solvers import Sequential
+from fixedpoint.trained import SILERO_CHUNK, SILERO_RATE, SileroVAD, package_file
+
+UTTERANCES = [
+    ("en-us", 160, "Parallel evaluation of a recurrent network treats the whole sequence as one system of "
+                   "equations. Whether that pays off depends on how long the network remembers."),
+    ("en-gb", 140, "The weather turned cold in the evening, and the travellers stopped at a small inn by "
+                   "the river, where a fire was burning and supper was ready."),
+    ("en-us+f3", 175, "Seven hundred and forty two. Nine. Thirty one thousand. The numbers were read out "
+                      "slowly, one after another, while the clerk wrote them down."),
+    ("en-gb+m3", 120, "Speech comes in bursts with pauses between them, and a voice activity detector must "
+                      "follow both the sound and the silence."),
+]
+
+SOLVERS = {
+    "picard": Picard,
+    "anderson": Anderson,
+    "quasi-newton": QuasiNewton,
+    "newton": Newton,
+    "damped": lambda: Newton(damping="backtracking"),
+}
+
+
+class OverBudget(Exception):
+    """A solve ran past its time budget (raised from its callback)."""
+
+
+def synthesise(seq_len: int, batch: int, workdir: Path) -> torch.Tensor:
+    """``(B, seq_len · 512)`` float32 audio at 16 kHz: each row one voice reading its text, repeated
+    with a short pause until it fills the length."""
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("espeak-ng is not installed: apt-get install espeak-ng")
+    rows = []
+    samples = seq_len * SILERO_CHUNK
+    for index in range(batch):
+        voice, speed, text = UTTERANCES[index % len(UTTERANCES)]
+        path = workdir / f"utterance{index}.wav"
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True)
+        with wave.open(str(path)) as handle:
+            rate = handle.getframerate()
+            audio = np.frombuffer(handle.readframes(handle.getnframes()), dtype="<i2").astype(np.float64) / 32768
+        audio = resample_poly(audio, SILERO_RATE, rate)
+        pause = np.zeros(SILERO_RATE // 2)
+        repeated = np.concatenate([np.concatenate([audio, pause])] * (samples // (audio.size + pause.size) + 1))
+        rows.append(repeated[:samples])
+    return torch.from_numpy(np.stack(rows)).float()
+
+
+def check_loading(vad: SileroVAD, audio: torch.Tensor) -> float:
+    """Largest difference between the package's own model and ours (encoder, LSTM, head) over every
+    chunk of the first utterance, float32."""
+    model = torch.jit.load(str(package_file("silero-vad", "silero_vad/data/silero_vad.jit", "")), map_location="cpu")
+    model.reset_states()
+    with torch.no_grad():
+        theirs = torch.tensor([float(model(chunk.unsqueeze(0), SILERO_RATE))
+                               for chunk in audio[0].split(SILERO_CHUNK)])
+        hidden, _ = vad.network().to_torch()(vad.features(audio[:1]))
+    ours = vad.speech_probability(hidden)[:, 0]
+    return float((theirs - ours).abs().max())
+
+
+def timed(function, repeats: int = 3) -> tuple[object, float]:
+    times, value = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        value = function()
+        times.append(time.perf_counter() - started)
+    return value, statistics.median(times)
+
+
+def study(vad: SileroVAD, features: torch.Tensor, dtype: torch.dtype, budget: float) -> dict:
+    network = vad.network(dtype)
+    cell = network.cells[0][0]
+    inputs = features.to(dtype)
+    system = SequenceSystem.build(cell, inputs)
+    wide = SequenceSystem.build(cell.to(dtype=torch.float64), inputs.double())
+    exact = wide.sequential()  # the float64 loop: the reference for every error here
+    module = network.to_torch()
+    with torch.no_grad():
+        module(inputs)  # warm-up at full size: oneDNN prepares its kernel on the first call of a shape
+        (output, _), torch_seconds = timed(lambda: module(inputs), repeats=5)
+    torch_states = system.states_from_hidden(output.detach())
+    torch_error = float((torch_states.double() - exact).abs().max())
+    torch_estimate = float(forward_error_estimate(system, torch_states).max())
+    rtol, atol = Picard().tolerances(dtype)
+    started = time.perf_counter()
+    before = predictability(system, rtol=rtol, atol=atol)
+    before_seconds = time.perf_counter() - started
+    after = predictability(system, exact.to(dtype), rtol=rtol, atol=atol)
+    runs = []
+    for name, make in SOLVERS.items():
+        deadline = time.perf_counter() + budget
+        seen = {"iterations": 0}
+
+        def stop_when_over(iteration, iterate, image, seen=seen, deadline=deadline):
+            seen["iterations"] = iteration
+            if time.perf_counter() > deadline:
+                raise OverBudget
+
+        started = time.perf_counter()
+        try:
+            solution = solve(system, make(), throw=False, callback=stop_when_over)
+        except OverBudget:
+            runs.append({"solver": name, "result": f"stopped after {budget:.0f} s", "iterations": seen["iterations"],
+                         "converged": False, "seconds": time.perf_counter() - started})
+            print(f"  {name}: stopped after {budget:.0f} s at iteration {seen['iterations']}", flush=True)
+            continue
+        seconds = time.perf_counter() - started
+        estimate = solution.stats.forward_error_estimate
+        run = {
+            "solver": name, "result": solution.result.name, "converged": solution.converged,
+            "iterations": solution.stats.iterations, "seconds": seconds, "time_ratio": seconds / torch_seconds,
+            "error": float((solution.value.double() - exact).abs().max()),
+            "forward_error_estimate": None if estimate is None else float(estimate.max()),
+            "refinements": solution.stats.refinements,
+            "counters": {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in solution.stats.solver.items()},
+        }
+        runs.append(run)
+        print(f"  {name}: {run['result']} in {run['iterations']} iterations, {seconds:.2f} s "
+              f"({run['time_ratio']:.0f}× torch.nn), error {run['error']:.2e}", flush=True)
+    return {
+        "dtype": str(dtype).removeprefix("torch."), "seq_len": system.seq_len, "batch": system.batch,
+        "torch_seconds": torch_seconds, "torch_error": torch_error, "torch_forward_error_estimate": torch_estimate,
+        "lyapunov": after.lyapunov.tolist(), "lyapunov_prefix": before.lyapunov.tolist(),
+        "memory_length": after.memory_length.tolist(), "max_window_growth": after.max_window_growth.tolist(),
+        "predicted": {m: int(v.max()) for m, v in after.predicted_iterations.items()},
+        "predicted_prefix": {m: int(v.max()) for m, v in before.predicted_iterations.items()},
+        "prefix_seconds": before_seconds, "runs": runs,
+        "growth": after.growth[:, 0].tolist(),
+    }
+
+
+def write_doc(data: dict) -> None:
+    meta = data["meta"]
+    lines = [f"## Measured ({meta['date'][:10]}, {meta['platform']}, torch {meta['torch']}, "
+             f"{meta['torch_threads']} thread(s))", ""]
+    for network in data["networks"]:
+        lines += [f"### {network['name']}", "", f"Loading check: the package's own model and this reconstruction "
+                  f"differ by at most {network['loading_check']:.1e} in speech probability over "
+                  f"{network['loading_steps']} chunks (float32).", ""]
+        for problem in network["problems"]:
+            lam = max(problem["lyapunov"])
+            lines += [f"**{problem['dtype']}, T = {problem['seq_len']}, B = {problem['batch']}** — largest Lyapunov "
+                      f"exponent {lam:+.4f}/step (from a 256-step prefix: {max(problem['lyapunov_prefix']):+.4f}), "
+                      f"memory {max(problem['memory_length']):.3g} steps, largest growth over 50 steps "
+                      f"{max(problem['max_window_growth']):.3g}×; `torch.nn` {problem['torch_seconds'] * 1e3:.1f} ms, "
+                      f"its error against the float64 loop {problem['torch_error']:.1e} (estimate "
+                      f"{problem['torch_forward_error_estimate']:.1e}). All estimates are labelled so.", "",
+                      "| solver | result | iterations | predicted (solution / prefix) | time ÷ torch.nn | error | "
+                      "forward-error estimate |", "|---|---|---|---|---|---|---|"]
+            for run in problem["runs"]:
+                method = run["solver"] if run["solver"] in problem["predicted"] else None
+                predicted = (f"{problem['predicted'][method]} / {problem['predicted_prefix'][method]}"
+                             if method else "—")
+                ratio = f"{run['time_ratio']:.0f}×" if "time_ratio" in run else "—"
+                error = f"{run['error']:.1e}" if "error" in run else "—"
+                estimate = run.get("forward_error_estimate")
+                lines.append(f"| {run['solver']} | {run['result']} | {run['iterations']} | {predicted} | {ratio} | "
+                             f"{error} | {'—' if estimate is None else f'{estimate:.1e}'} |")
+            lines.append("")
+    lines += ["Figure: `figures/trained_networks.png`.", ""]
+    write_generated_section("trained_networks.md", "analysis/trained_networks.py", lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_output_arguments(parser)
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds per solve before it is stopped (60)")
+    args = parser.parse_args()
+    out = output_directory(args, "trained-")
+    seq_len, batch = (64, 2) if args.quick else (500, 4)
+    vad = SileroVAD.from_package()
+    with tempfile.TemporaryDirectory() as workdir:
+        audio = synthesise(seq_len, batch, Path(workdir))
+    loading = check_loading(vad, audio)
+    print(f"silero-vad: package model against the reconstruction: {loading:.2e}", flush=True)
+    features = vad.features(audio)
+    problems = []
+    for dtype in (torch.float64, torch.float32):
+        print(f"silero-vad LSTM, {dtype}, T = {seq_len}, B = {batch}", flush=True)
+        problems.append(study(vad, features, dtype, args.budget))
+    data = {
+        "meta": metadata("analysis/trained_networks.py", args.quick, {"seq_len": seq_len, "batch": batch},
+                         inputs="espeak-ng speech, 16 kHz, silero-vad's encoder", budget_seconds=args.budget),
+        "networks": [{"name": "silero-vad LSTM (I = H = 128)", "loading_check": loading, "loading_steps": seq_len,
+                      "problems": problems}],
+    }
+    data = write_and_reload(out / "trained_networks.json", data)
+    plot_trained_networks(data, out / "trained_networks.png")
+    if not args.quick and args.out is None:
+        write_doc(data)
+
+
+if __name__ == "__main__":
+    main()
