@@ -180,8 +180,9 @@ def predictability(
 
     Args:
         system: the equation system.
-        states: ``(T, B, S)`` a solved trajectory; ``None`` runs the sequential loop on the first
-            ``prefix`` positions only (cheap, before solving) and extends their growth
+        states: ``(T, B, S)`` a solved trajectory, or ``(P, B, S)`` its first ``P < T``
+            positions; ``None`` runs the sequential loop on the first ``prefix`` positions
+            (cheap, before solving).  Growth measured on fewer than ``T`` positions is extended
             periodically to ``T`` for the predictions.
         rtol, atol: the tolerance the predictions are for (the driver's test).
         window: span of :attr:`Predictability.max_window_growth`.
@@ -194,10 +195,13 @@ def predictability(
         measured = min(prefix, steps)
         head = SequenceSystem(system.cell, system.inputs[:measured], system.initial_state)
         states = head.sequential()
-        growth = growth_rates(head, states, seed=seed)
     else:
-        measured = steps
-        growth = growth_rates(system, states, seed=seed)
+        measured = states.shape[0] if states.dim() == 3 else -1
+        if not 1 <= measured <= steps or tuple(states.shape[1:]) != system.state_shape[1:]:
+            raise InputError(f"states must have shape (P, B, S) with P ≤ T for {system.state_shape}, "
+                             f"got {tuple(states.shape)}")
+        head = SequenceSystem(system.cell, system.inputs[:measured], system.initial_state)
+    growth = growth_rates(head, states, seed=seed)
     burn = min(BURN_IN, max(measured - 1, 0))
     settled = growth[burn:] if measured > burn else growth
     finite = torch.where(torch.isfinite(settled), settled, torch.zeros_like(settled))

@@ -159,6 +159,33 @@ def test_auto_calibration_path_runs_and_decides_on_a_cpu(kind, timings, expected
     assert float((solution.output - reference.output).abs().max()) <= 1e-10
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize(("margin", "expected"), [(2.0, "quasi-newton"), (0.5, "sequential-fused")])
+def test_auto_weighs_the_predicted_iterations(kind, margin, expected, monkeypatch):
+    """With expected_iterations=None, Auto's cost model uses the quasi-Newton count predicted from
+    the calibration prefix: one iteration timed at (sequential time) / (margin · predicted) picks
+    quasi-Newton when margin > 1 and the fused kernel when margin < 1."""
+    import fixedpoint.solvers.auto as auto_module
+    from fixedpoint.predictability import predictability
+
+    network = Network.random(kind, 4, 8, seed=5)
+    inputs = randn(600, 2, 4, seed=6)
+    system = SequenceSystem.build(network.cells[0][0], inputs)
+    head = SequenceSystem(system.cell, inputs[:256], system.initial_state)
+    predicted = int(predictability(system, head.sequential(), rtol=1e-12, atol=1e-12)
+                    .predicted_iterations["quasi-newton"].max())
+    sequential = 1.0 * 600 / 256
+    answers = iter((1.0, sequential / (margin * predicted)))
+
+    def timed(function, device):  # type: ignore[no-untyped-def]
+        function()
+        return next(answers)
+
+    monkeypatch.setattr(auto_module, "_calibrates", lambda system: True)
+    monkeypatch.setattr(auto_module, "_timed", timed)
+    assert solve(system, Auto()).stats.solver["method"] == expected
+
+
 @pytest.mark.parametrize("steps", [1, 2, 37])
 def test_lstm_memory_by_scan_equals_the_loop(steps):
     network = Network.random("lstm", 3, 5, seed=7)

@@ -112,3 +112,16 @@ def test_the_calibration_study_runs_and_its_figure_shows_what_its_json_holds(tmp
     for case in data["cases"]:
         assert set(case["predicted"]) == set(case["predicted_prefix"]) == {"picard", "quasi-newton", "newton"}
         assert 1 <= case["predicted"]["picard"] <= case["seq_len"]
+
+
+def test_a_given_prefix_of_states_is_the_same_as_solving_the_prefix():
+    network = Network.random("gru", 4, 6, seed=3)
+    system = SequenceSystem.build(network.cells[0][0], randn(300, 2, 4, seed=4))
+    head = SequenceSystem(system.cell, system.inputs[:64], system.initial_state)
+    given = predictability(system, head.sequential(), rtol=1e-12, atol=1e-12)
+    solved = predictability(system, rtol=1e-12, atol=1e-12, prefix=64)
+    assert given.measured_steps == solved.measured_steps == 64 and given.seq_len == 300
+    torch.testing.assert_close(given.growth, solved.growth)
+    assert torch.equal(given.picard, solved.picard)
+    with pytest.raises(InputError, match="P ≤ T"):
+        predictability(system, torch.zeros(301, 2, 6, dtype=torch.float64), rtol=1e-12, atol=1e-12)

@@ -8,8 +8,11 @@ The rule, from the benchmarks in docs/benchmarks.md:
 - On CUDA with ``T ≤ calibration_steps`` the same holds: the sequential kernel is short.
 - On CUDA with longer ``T``, a short calibration times the fused kernel on the first
   ``calibration_steps`` positions (extrapolated linearly to ``T``) and one quasi-Newton iteration
-  on the whole sequence, and picks quasi-Newton when ``expected_iterations`` such iterations are
-  predicted to be faster.  The calibration is part of the solve's wall time.
+  on the whole sequence, and picks quasi-Newton when the iterations it is expected to need are
+  predicted to be faster.  The expected count is predicted from the prefix the fused kernel just
+  solved (:mod:`fixedpoint.predictability`: the Lyapunov exponent's window growth; on a barely
+  predictable trained network it is about ``T``, so the fused kernel wins), or fixed by
+  ``expected_iterations``.  The calibration is part of the solve's wall time.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fixedpoint.predictability import predictability
 from fixedpoint.solvers.base import Solver, check_integer
 from fixedpoint.solvers.newton import Newton
 from fixedpoint.solvers.sequential import Sequential
@@ -32,18 +36,17 @@ class Auto(Solver):
     Args:
         rtol, atol: passed on to the chosen solver.
         calibration_steps: positions the fused kernel is timed on (CUDA only).
-        expected_iterations: quasi-Newton iterations assumed by the cost model (CUDA only);
-            measured counts at ``torch.nn``'s default initialisation are 20 (GRU, LSTM) and 41
-            (Elman) at ``T = 512``.
+        expected_iterations: quasi-Newton iterations the cost model assumes (CUDA only); ``None``
+            (default): predicted from the calibration prefix (an estimate; docs/predictability.md).
     """
 
     calibration_steps: int = 256
-    expected_iterations: int = 32
+    expected_iterations: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_integer("calibration_steps", self.calibration_steps)
-        check_integer("expected_iterations", self.expected_iterations)
+        check_integer("expected_iterations", self.expected_iterations, allow_none=True)
 
     def resolve(self, system: SequenceSystem) -> Solver:
         fused = Sequential(rtol=self.rtol, atol=self.atol, kernel="fused")
@@ -53,7 +56,16 @@ class Auto(Solver):
         device = system.inputs.device
         quasi = Newton(rtol=self.rtol, atol=self.atol, jacobian="diagonal")
         prefix = SequenceSystem(system.cell, system.inputs[: self.calibration_steps], system.initial_state)
-        sequential_seconds = _timed(lambda: fused.solve_directly(prefix), device) * steps / self.calibration_steps
+        solved = []
+        sequential_seconds = _timed(lambda: solved.append(fused.solve_directly(prefix)), device)
+        sequential_seconds *= steps / self.calibration_steps
+        expected = self.expected_iterations
+        if expected is None:
+            direct = solved[0]
+            states = direct.states if direct.states is not None else prefix.states_from_hidden(direct.hidden)
+            rtol, atol = quasi.tolerances(system.inputs.dtype)
+            along = predictability(system, states, rtol=rtol, atol=atol)
+            expected = int(along.predicted_iterations["quasi-newton"].max())
 
         def one_iteration() -> None:
             guess = torch.zeros(system.state_shape, dtype=system.inputs.dtype, device=system.inputs.device)
@@ -61,7 +73,7 @@ class Auto(Solver):
             quasi.newton_iterate(system, guess, image, system.initial_state, None)
 
         iteration_seconds = _timed(one_iteration, device)
-        return quasi if self.expected_iterations * iteration_seconds < sequential_seconds else fused
+        return quasi if expected * iteration_seconds < sequential_seconds else fused
 
 
 def _calibrates(system: SequenceSystem) -> bool:
