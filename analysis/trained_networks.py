@@ -56,6 +56,9 @@ SOLVERS = {
     "quasi-newton": QuasiNewton,
     "newton": Newton,
     "damped": lambda: Newton(damping="backtracking"),
+    "lm-newton": lambda: Newton(damping="levenberg-marquardt"),
+    "damped-quasi-newton": lambda: Newton(jacobian="diagonal", damping="backtracking"),
+    "lm-quasi-newton": lambda: Newton(jacobian="diagonal", damping="levenberg-marquardt"),
 }
 
 

@@ -142,3 +142,70 @@ def _scan(transitions: Tensor, values: Tensor, initial: Tensor, structure: Struc
         values[offset:] = new_b
         offset *= 2
     return values
+
+
+# -- the regularised (Levenberg–Marquardt) step: a Kalman smoother ---------------------------------
+def _unit_blocks(transitions: Tensor, values: Tensor, structure: Structure) -> tuple[Tensor, Tensor]:
+    """``A`` as ``(n, B, G, k, k)`` blocks and ``b`` as ``(n, B, G, k)``: ``G = S, k = 1``
+    (diagonal), ``G = S/2, k = 2`` (block2, pairs ``(y_j, y_{j+S/2})``), ``G = 1, k = S`` (dense)."""
+    steps, batch, size = values.shape
+    if structure == "diagonal":
+        return transitions[..., None, None], values[..., None]
+    if structure == "block2":
+        return transitions, values.view(steps, batch, 2, size // 2).transpose(2, 3)
+    return transitions.unsqueeze(2), values.unsqueeze(2)
+
+
+def _from_unit_blocks(blocks: Tensor, structure: Structure) -> Tensor:
+    """Inverse of :func:`_unit_blocks` for vectors: ``(n, B, G, k) → (n, B, S)``."""
+    if structure == "diagonal":
+        return blocks[..., 0]
+    if structure == "block2":
+        return blocks.transpose(2, 3).reshape(blocks.shape[0], blocks.shape[1], -1)
+    return blocks[:, :, 0]
+
+
+def regularized_recurrence(transitions: Tensor, values: Tensor, regularization: Tensor) -> Tensor:
+    """``argmin_y Σ_t ‖y_t − A_t y_{t−1} − b_t‖² + λ_b Σ_t ‖y_t‖²`` with ``y_0 = 0``: ``(T, B, S)``.
+
+    With ``λ = 0`` this is the recurrence ``y_t = A_t y_{t−1} + b_t`` (:func:`linear_recurrence`);
+    with ``λ > 0`` it is the Levenberg–Marquardt step of the Newton family, as ELK (Gonzalez et
+    al., 2024) computes it: the posterior mean of the linear-Gaussian model ``y_t = A_t y_{t−1} +
+    b_t + w_t``, ``w_t ~ N(0, I)``, observed as ``0 = y_t + v_t``, ``v_t ~ N(0, I/λ)``, by a
+    Kalman filter and a Rauch–Tung–Striebel smoother.  ``A`` has any structure of this module
+    (the covariances share it: per unit for diagonal and 2×2 blocks, dense otherwise);
+    ``regularization`` is ``λ (B,)``, one per sample, ``≥ 0``.  Sequential over ``T`` (a parallel
+    form exists, Särkkä & García-Fernández 2021; not built).
+    """
+    structure = structure_of(transitions, values)
+    if tuple(regularization.shape) != (values.shape[1],):
+        raise InputError(f"regularization must have shape (B,) = ({values.shape[1]},), got {tuple(regularization.shape)}")
+    blocks, forcing = _unit_blocks(transitions, values, structure)
+    steps = values.shape[0]
+    size = blocks.shape[-1]
+    identity = torch.eye(size, dtype=values.dtype, device=values.device)
+    # Observation noise 1/λ; λ = 0 (no observation) is the limit K = 0, kept finite by the floor.
+    noise = (1 / regularization.clamp(min=torch.finfo(values.dtype).tiny)).clamp(max=torch.finfo(values.dtype).max / 4)
+    noise = noise.view(-1, 1, 1, 1) * identity
+    mean = forcing.new_zeros(forcing.shape[1:])
+    covariance = blocks.new_zeros(blocks.shape[1:])
+    means, predicted_means, covariances, predicted_covariances = [], [], [], []
+    for t in range(steps):
+        a = blocks[t]
+        predicted_mean = (a @ mean.unsqueeze(-1)).squeeze(-1) + forcing[t]
+        predicted_covariance = a @ covariance @ a.mT + identity
+        gain = torch.linalg.solve(predicted_covariance + noise, predicted_covariance).mT  # P (P + R)⁻¹, P symmetric
+        mean = predicted_mean - (gain @ predicted_mean.unsqueeze(-1)).squeeze(-1)
+        covariance = predicted_covariance - gain @ predicted_covariance
+        covariance = 0.5 * (covariance + covariance.mT)  # keep it symmetric against rounding
+        means.append(mean)
+        predicted_means.append(predicted_mean)
+        covariances.append(covariance)
+        predicted_covariances.append(predicted_covariance)
+    smoothed = [means[-1]]
+    for t in range(steps - 2, -1, -1):
+        # C_t = P_t A_{t+1}ᵀ P_pred_{t+1}⁻¹, computed as a solve with the symmetric P_pred.
+        gain = torch.linalg.solve(predicted_covariances[t + 1], blocks[t + 1] @ covariances[t]).mT
+        correction = (gain @ (smoothed[-1] - predicted_means[t + 1]).unsqueeze(-1)).squeeze(-1)
+        smoothed.append(means[t] + correction)
+    return _from_unit_blocks(torch.stack(smoothed[::-1]), structure)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import randn
 from fixedpoint import ElmanCell, InputError, Network, Newton, Picard, SequenceSystem, solve
-from fixedpoint.scan import linear_recurrence, linear_recurrence_sequential
+from fixedpoint.scan import linear_recurrence, linear_recurrence_sequential, regularized_recurrence
 
 SHAPES = {
     "diagonal": lambda t, b, s: (t, b, s),
@@ -81,3 +81,73 @@ def test_newton_needs_far_fewer_iterations_than_picard(kind, scale):
     counts = newton.stats.solver
     assert [a + b for a, b in zip(counts["newton_steps"], counts["safe_steps"])] == [newton.stats.iterations - 1] * 2
     assert float((newton.value - system.sequential()).abs().max()) <= 1e-10
+
+
+def _block_matrix(transitions: torch.Tensor, structure: str, t: int, b: int, size: int) -> torch.Tensor:
+    """``A_t`` of sample ``b`` as a dense ``S × S`` matrix."""
+    if structure == "dense":
+        return transitions[t, b]
+    if structure == "diagonal":
+        return torch.diag(transitions[t, b])
+    half = size // 2
+    blocks = transitions[t, b]
+    matrix = torch.zeros(size, size, dtype=transitions.dtype)
+    index = torch.arange(half)
+    matrix[index, index], matrix[index, index + half] = blocks[:, 0, 0], blocks[:, 0, 1]
+    matrix[index + half, index], matrix[index + half, index + half] = blocks[:, 1, 0], blocks[:, 1, 1]
+    return matrix
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=st.integers(1, 12), batch=st.integers(1, 3), half=st.integers(1, 3),
+       structure=st.sampled_from(sorted(SHAPES)), seed=st.integers(0, 2**31 - 1))
+def test_regularized_recurrence_solves_the_regularized_least_squares_problem(steps, batch, half, structure, seed):
+    """The Kalman smoother against the normal equations (JᵀJ + λI) y = Jᵀb of the stacked
+    problem, J the block-bidiagonal I − shift(A), for λ from 0 (then y is the recurrence) to 10."""
+    size = 2 * half
+    transitions = 0.5 * randn(*SHAPES[structure](steps, batch, size), seed=seed)
+    values = randn(steps, batch, size, seed=seed + 1)
+    regularization = torch.tensor([0.0, 0.3, 10.0][:batch], dtype=torch.float64)
+    got = regularized_recurrence(transitions, values, regularization)
+    for b in range(batch):
+        stacked = torch.eye(steps * size, dtype=torch.float64)
+        for t in range(1, steps):
+            stacked[t * size : (t + 1) * size, (t - 1) * size : t * size] = -_block_matrix(transitions, structure, t, b, size)
+        normal = stacked.T @ stacked + regularization[b] * torch.eye(steps * size, dtype=torch.float64)
+        expected = torch.linalg.solve(normal, stacked.T @ values[:, b].reshape(-1)).reshape(steps, size)
+        assert float((got[:, b] - expected).abs().max()) <= 1e-9 * (1 + float(expected.abs().max()))
+    exact = linear_recurrence_sequential(transitions, values, torch.zeros_like(values[0]))
+    assert float((got[:, 0] - exact[:, 0]).abs().max()) <= 1e-10 * (1 + float(exact.abs().max()))
+    with pytest.raises(InputError, match="regularization must have shape"):
+        regularized_recurrence(transitions, values, torch.zeros(batch + 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("jacobian", ["full", "diagonal"])
+@pytest.mark.parametrize(("kind", "nonlinearity", "scale"), [("elman", "relu", 2.0), ("gru", "tanh", 5.0), ("lstm", "tanh", 4.0)])
+def test_levenberg_marquardt_never_raises_the_merit_of_its_window_and_is_exact(jacobian, kind, nonlinearity, scale):
+    """Twelve steps on the whole window from zero (no exact-prefix writes in between): the merit
+    ½Σ‖F(Z) − Z‖² of each sample never grows — a sample keeps its iterate rather than take a worse
+    one — unless the step meets the tolerance.  Then the driver's solve with it is the sequential
+    solution."""
+    network = Network.random(kind, 4, 6, nonlinearity=nonlinearity, scale=scale, seed=0)
+    system = SequenceSystem.build(network.cells[0][0], randn(60, 3, 4, seed=1))
+    solver = Newton(jacobian=jacobian, damping="levenberg-marquardt")
+    iterate, state = solver.init(system, torch.zeros(system.state_shape, dtype=torch.float64))
+    predecessor = system.initial_state
+
+    def merit(window: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (system.apply_window(window, predecessor) - window).square().sum(dim=(0, 2))
+
+    for _ in range(12):
+        before = merit(iterate)
+        iterate, state = solver.step(iterate, system.apply_window(iterate, predecessor), state, predecessor)
+        image = system.apply_window(iterate, predecessor)
+        # a step that meets the tolerance is taken whatever its merit (rounding, once converged)
+        within = ((image - iterate).abs() < 1e-12 + 1e-12 * image.abs()).flatten(2).all(2).all(0)
+        assert bool(((merit(iterate) <= before) | within).all())
+    solution = solve(system, solver)
+    exact = system.sequential()
+    assert float((solution.value - exact).abs().max()) <= 1e-10 * (1 + float(exact.abs().max()))
+    counters = solution.stats.solver
+    assert counters["method"] == ("lm-newton" if jacobian == "full" else "lm-quasi-newton")
+    assert len(counters["kept"]) == len(counters["increases"]) == len(counters["regularization"]) == 3

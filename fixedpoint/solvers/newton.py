@@ -19,6 +19,18 @@ the largest ``α ∈ {1, ½, ¼, …}`` (at most ``max_backtracks`` halvings) th
 ``½ Σ_t ‖F(Z)_t − Z_t‖²`` by the Armijo factor ``1 − 2·10⁻⁴·α``, or that already meets the
 tolerance; a sample with no such ``α`` takes the Picard step.  Every safe step and every halving
 is counted per sample in the statistics; nothing is clipped or replaced silently.
+
+Levenberg–Marquardt.  With ``damping="levenberg-marquardt"`` the step minimises the linearised
+merit plus ``λ_b ‖δ‖²`` per sample, ``Σ_t ‖δ_t − A_t δ_{t−1} − r_t‖² + λ Σ_t ‖δ_t‖²``
+(:func:`~fixedpoint.scan.regularized_recurrence`, a Kalman smoother as in ELK): ``λ = 0`` is the
+(quasi-)Newton step, a large ``λ`` a short step along the merit's descent direction, and every
+``λ`` gives a descent direction.  A sample takes the step when it lowers the merit ``½ Σ_t ‖r_t‖²``
+(or meets the tolerance); otherwise ``λ`` grows fourfold (from at least ``regularization``) and
+the step is recomputed, at most ``max_backtracks`` times, after which the sample keeps its
+iterate: a step never raises the merit of its window.  After a taken step ``λ`` shrinks threefold
+when the merit fell by more than three quarters of the linear model's prediction and doubles when
+by less than a quarter (below ``1e-8`` it becomes 0, pure Newton).  The smoother is sequential
+over ``T`` here.
 """
 
 from __future__ import annotations
@@ -31,12 +43,12 @@ import torch
 from torch import Tensor
 
 from fixedpoint.errors import InputError
-from fixedpoint.scan import apply_transitions, linear_recurrence
+from fixedpoint.scan import apply_transitions, linear_recurrence, regularized_recurrence
 from fixedpoint.solvers.base import Solver, check_integer, check_number
 from fixedpoint.system import SequenceSystem
 
 JacobianStructure = Literal["full", "diagonal"]
-Damping = Literal["none", "backtracking"]
+Damping = Literal["none", "backtracking", "levenberg-marquardt"]
 
 #: Armijo constant of the backtracking test (the usual 1e-4 of Nocedal & Wright).
 ARMIJO = 1e-4
@@ -61,6 +73,8 @@ class NewtonState:
     safe_steps: Tensor
     backtracks: Tensor
     last_residual: Tensor | None = None
+    regularization: Tensor | None = None
+    kept: Tensor | None = None
 
 
 def free_memory(device: torch.device) -> int:
@@ -92,6 +106,8 @@ class Newton(Solver):
         max_backtracks: most step halvings per iteration with ``damping="backtracking"``.
         max_residual_growth: undamped only: a sample whose residual grew by more than this
             factor since the previous iteration takes a Picard step.
+        regularization: ``damping="levenberg-marquardt"``: the starting ``λ`` (0: try the Newton
+            step first) and the least ``λ`` after a refused step.
     """
 
     jacobian: JacobianStructure = "full"
@@ -100,13 +116,17 @@ class Newton(Solver):
     memory_limit: int | None = None
     max_backtracks: int = 8
     max_residual_growth: float = 1e3
+    regularization: float = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.jacobian not in ("full", "diagonal"):
             raise InputError(f"jacobian must be 'full' or 'diagonal', got {self.jacobian!r}")
-        if self.damping not in ("none", "backtracking"):
-            raise InputError(f"damping must be 'none' or 'backtracking', got {self.damping!r}")
+        if self.damping not in ("none", "backtracking", "levenberg-marquardt"):
+            raise InputError(
+                f"damping must be 'none', 'backtracking' or 'levenberg-marquardt', got {self.damping!r}"
+            )
+        check_number("regularization", self.regularization, 0, low_open=True)
         check_integer("chunk", self.chunk, allow_none=True)
         check_integer("memory_limit", self.memory_limit, allow_none=True)
         check_integer("max_backtracks", self.max_backtracks, 0)
@@ -115,6 +135,8 @@ class Newton(Solver):
     @property
     def name(self) -> str:
         base = "newton" if self.jacobian == "full" else "quasi-newton"
+        if self.damping == "levenberg-marquardt":
+            return f"lm-{base}"
         return base if self.damping == "none" else f"damped-{base}"
 
     # -- memory guard ----------------------------------------------------------------------------
@@ -138,7 +160,17 @@ class Newton(Solver):
     def init(self, system: SequenceSystem, initial_guess: Tensor) -> tuple[Tensor, NewtonState]:
         chunk = self.plan_chunk(system)
         zeros = torch.zeros(system.batch, dtype=torch.long, device=initial_guess.device)
-        return initial_guess, NewtonState(system, chunk, zeros, zeros.clone(), zeros.clone())
+        state = NewtonState(system, chunk, zeros, zeros.clone(), zeros.clone())
+        if self.damping == "levenberg-marquardt":
+            if chunk is not None:
+                raise InputError(
+                    "levenberg-marquardt smooths over the whole window at once, and its dense Jacobians "
+                    f"do not fit in memory (chunk {chunk} < T); use jacobian='diagonal' or raise memory_limit"
+                )
+            state.regularization = torch.full((system.batch,), 0.0, dtype=initial_guess.dtype,
+                                              device=initial_guess.device)
+            state.kept = zeros.clone()
+        return initial_guess, state
 
     def step(
         self, iterate: Tensor, image: Tensor, state: NewtonState, predecessor: Tensor | None = None
@@ -147,6 +179,8 @@ class Newton(Solver):
         if predecessor is None:
             predecessor = system.initial_state
         residual = image - iterate
+        if self.damping == "levenberg-marquardt":
+            return self._levenberg_marquardt_step(system, iterate, image, residual, predecessor, state)
         newton = self.newton_iterate(system, iterate, image, predecessor, state.chunk)
         if self.damping == "backtracking":
             newton, accepted = self._backtrack(system, iterate, image, newton, residual, predecessor, state)
@@ -216,6 +250,47 @@ class Newton(Solver):
             alpha = torch.where(pending, alpha / 2, alpha)
         return torch.where(pending[None, :, None], image, newton), ~pending
 
+    def _levenberg_marquardt_step(
+        self, system: SequenceSystem, iterate: Tensor, image: Tensor, residual: Tensor, predecessor: Tensor,
+        state: NewtonState,
+    ) -> tuple[Tensor, NewtonState]:
+        """Per sample, the regularised step that lowers the merit (module docstring); a sample
+        for which none does within ``max_backtracks`` increases of ``λ`` keeps ``X``."""
+        rtol, atol = self.tolerances(iterate.dtype)
+        window = iterate.shape[0]
+        previous = system.previous_states(iterate, predecessor)
+        inputs = system.projected_inputs[system.seq_len - window :]
+        structure = "dense" if self.jacobian == "full" else ("block2" if system.cell.kind == "lstm" else "diagonal")
+        jacobian = system.cell.jacobian if self.jacobian == "full" else system.cell.unit_jacobian
+        transitions = jacobian(previous, inputs)
+        merit = 0.5 * residual.square().sum(dim=(0, 2))  # (B,)
+        regularization = state.regularization.clone()
+        chosen = iterate.clone()
+        pending = torch.ones_like(merit, dtype=torch.bool)
+        for attempt in range(self.max_backtracks + 1):
+            step = regularized_recurrence(transitions, residual, regularization)
+            trial = iterate + step
+            trial_image = system.apply_window(trial, predecessor)
+            trial_residual = trial_image - trial
+            trial_merit = 0.5 * trial_residual.square().sum(dim=(0, 2))
+            carried = apply_transitions(transitions, torch.cat((step.new_zeros(1, *step.shape[1:]), step[:-1])), structure)
+            predicted = merit - 0.5 * (step - carried - residual).square().sum(dim=(0, 2))
+            within = (trial_residual.abs() < atol + rtol * trial_image.abs()).flatten(2).all(2).all(0)
+            ok = pending & torch.isfinite(trial_merit) & ((trial_merit < merit) | within)
+            chosen = torch.where(ok[None, :, None], trial, chosen)
+            ratio = (merit - trial_merit) / predicted.clamp(min=torch.finfo(merit.dtype).tiny)
+            updated = torch.where(ratio > 0.75, regularization / 3, torch.where(ratio < 0.25, 2 * regularization, regularization))
+            state.regularization = torch.where(ok, torch.where(updated < 1e-8, 0.0, updated), state.regularization)
+            state.backtracks += ok.long() * attempt
+            pending &= ~ok
+            if not bool(pending.any()):
+                break
+            regularization = torch.where(pending, (4 * regularization).clamp(min=self.regularization), regularization)
+        state.regularization = torch.where(pending, regularization, state.regularization)
+        state.newton_steps += (~pending).long()
+        state.kept += pending.long()
+        return chosen, state
+
     def statistics(self, state: NewtonState) -> dict[str, Any]:
         stats = {
             "newton_steps": state.newton_steps.tolist(),
@@ -224,6 +299,10 @@ class Newton(Solver):
         }
         if self.damping == "backtracking":
             stats["backtracks"] = state.backtracks.tolist()
+        if self.damping == "levenberg-marquardt":
+            stats["increases"] = state.backtracks.tolist()
+            stats["kept"] = state.kept.tolist()
+            stats["regularization"] = state.regularization.tolist()
         return stats
 
 
