@@ -721,7 +721,13 @@ def _verdict_with_prediction(result: dict[str, Any]) -> str:
     if not verdict.startswith("not certified") or fields is None:
         return verdict
     exponent = fields["lyapunov_exponent"]
-    kind = "predictable" if exponent < 0 else "not predictable"
+    # Predictable when a perturbation dies out within the sequence: memory 1/|λ| shorter than T.
+    if exponent >= 0:
+        kind = "not predictable"
+    elif fields["memory_length"] < result["seq_len"]:
+        kind = "predictable"
+    else:
+        kind = "barely predictable: memory longer than the sequence"
     predicted = fields["predicted_iterations"]
     steps = result["seq_len"] * result["layers"] * (2 if result["bidirectional"] else 1)
     return (f"{verdict}; estimated: {kind} (λ {exponent:+.3g}/step), Picard about {predicted['picard']} and "

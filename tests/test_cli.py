@@ -427,3 +427,12 @@ def test_status_line_waits_before_it_shows(monkeypatch):
     assert "iteration 3/10" in stream.getvalue()
     slow.close()
     assert stream.getvalue().endswith("\r\033[K") or stream.getvalue().endswith("\r \033[K")
+
+
+def test_check_states_the_prediction_when_nothing_is_certified(capsys):
+    code = main(["check", "--cell", "gru", "--scale", "3", "--seq-len", "200", "--batch", "2", "--hidden", "16"])
+    out = capsys.readouterr().out
+    verdict = next(line for line in out.splitlines() if line.startswith("verdict"))
+    assert code == 0
+    assert "not certified" in verdict and "estimated: predictable (λ -" in verdict
+    assert "Picard about" in verdict and "of at most 200" in verdict
