@@ -326,10 +326,17 @@ def global_bound_applies(system: SequenceSystem) -> bool:
 
 def _unbounded_input_bound(cell: Cell, norm: Norm, seq_len: int) -> float:
     """The step bound with every input projection in ``(−inf, inf)`` and ``s_0 = 0``: the
-    worst case over all inputs, for states in the cell's box."""
-    shape = (seq_len, 1, cell.gate_count * cell.hidden_size)
+    worst case over all inputs, for states in the cell's box.
+
+    Only one step is evaluated.  With unbounded inputs every gate interval is the same at every
+    ``t``; only LSTM's cell-state range grows (``|c_{t−1}| ≤ t − 1``), and every term of the bound
+    grows with it, so the largest is the last step's: the step from ``c_0 = seq_len − 1``.
+    """
+    shape = (1, 1, cell.gate_count * cell.hidden_size)
     lo = torch.full(shape, -math.inf, dtype=cell.dtype, device=cell.device)
     initial_state = torch.zeros(1, cell.state_size, dtype=cell.dtype, device=cell.device)
+    if isinstance(cell, LSTMCell):
+        initial_state[:, cell.hidden_size :] = seq_len - 1
     bounds = _step_bounds(cell, (lo, -lo), initial_state, norm)
     return float(bounds.lipschitz.max())
 
@@ -394,8 +401,24 @@ def estimated_step_norms(system: SequenceSystem, states: Tensor, norm: Norm = "2
     pieces = []
     for i in range(0, system.seq_len, chunk):
         jacobians = cell.jacobian(previous[i : i + chunk], system.projected_inputs[i : i + chunk])
-        pieces.append(operator_norms(jacobians, norm, lstm_hidden))
+        if lstm_hidden is not None and norm == "2":
+            pieces.append(_lstm_operator_norms(jacobians, lstm_hidden))
+        else:
+            pieces.append(operator_norms(jacobians, norm, lstm_hidden))
     return torch.cat(pieces)
+
+
+def _lstm_operator_norms(jacobians: Tensor, hidden: int) -> Tensor:
+    """:func:`operator_norms` of LSTM cell Jacobians in the 2-norm of ``max(‖h‖, ‖c‖)``, using
+    their structure: ``∂h'/∂c`` and ``∂c'/∂c`` are diagonal, so their norms are their largest
+    entries, and only the two ``∂·/∂h`` blocks need an SVD."""
+    def diagonal_norm(block: Tensor) -> Tensor:
+        return block.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
+
+    h = hidden
+    top = operator_norms(jacobians[..., :h, :h], "2") + diagonal_norm(jacobians[..., :h, h:])
+    bottom = operator_norms(jacobians[..., h:, :h], "2") + diagonal_norm(jacobians[..., h:, h:])
+    return torch.maximum(top, bottom)
 
 
 # -- predictions and certificates ----------------------------------------------------------------

@@ -638,3 +638,30 @@ def test_report_takes_the_smaller_certified_bound_where_the_global_one_applies(c
     assert torch.equal(report.conditional_steps, expected)
     if applies:
         assert report.conditional_bound <= global_bound
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("seq_len", [1, 2, 9, 40])
+def test_global_bound_from_one_step_is_the_largest_over_all_steps(kind, norm, seq_len):
+    """With unbounded inputs the last step's bound is the largest (LSTM's c range grows with t;
+    nothing else changes): the one-step evaluation equals the maximum over every step."""
+    from fixedpoint.contraction import _step_bounds
+
+    cell = Network.random(kind, 3, 5, scale=2.0, seed=seq_len).cells[0][0]
+    steps = seq_len if kind == "lstm" else 1
+    lo = torch.full((steps, 1, cell.gate_count * cell.hidden_size), -math.inf, dtype=F64)
+    every_step = _step_bounds(cell, (lo, -lo), torch.zeros(1, cell.state_size, dtype=F64), norm).lipschitz
+    assert certified_global_bound(cell, norm, seq_len=seq_len) == max(1.0, float(every_step.max()))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_lstm_step_norm_estimates_use_the_diagonal_blocks_exactly(norm):
+    network = Network.random("lstm", 3, 6, scale=2.0, seed=1)
+    system = SequenceSystem.build(network.cells[0][0], randn(20, 2, 3, seed=2))
+    states = system.sequential()
+    previous = torch.cat((system.initial_state.unsqueeze(0), states[:-1]))
+    jacobians = system.cell.jacobian(previous, system.projected_inputs)
+    from fixedpoint.contraction import operator_norms
+
+    torch.testing.assert_close(estimated_step_norms(system, states, norm), operator_norms(jacobians, norm, 6))
