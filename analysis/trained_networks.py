@@ -66,22 +66,22 @@ class OverBudget(Exception):
     """A solve ran past its time budget (raised from its callback)."""
 
 
-def synthesise(seq_len: int, batch: int, workdir: Path) -> torch.Tensor:
-    """``(B, seq_len · 512)`` float32 audio at 16 kHz: each row one voice reading its text, repeated
-    with a short pause until it fills the length."""
+def synthesise(seq_len: int, batch: int, workdir: Path, rate: int = SILERO_RATE, chunk: int = SILERO_CHUNK) -> torch.Tensor:
+    """``(B, seq_len · chunk)`` float32 audio at ``rate``: each row one voice reading its text,
+    repeated with a short pause until it fills the length."""
     if shutil.which("espeak-ng") is None:
         raise SystemExit("espeak-ng is not installed: apt-get install espeak-ng")
     rows = []
-    samples = seq_len * SILERO_CHUNK
+    samples = seq_len * chunk
     for index in range(batch):
         voice, speed, text = UTTERANCES[index % len(UTTERANCES)]
         path = workdir / f"utterance{index}.wav"
         subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True)
         with wave.open(str(path)) as handle:
-            rate = handle.getframerate()
+            speaker_rate = handle.getframerate()
             audio = np.frombuffer(handle.readframes(handle.getnframes()), dtype="<i2").astype(np.float64) / 32768
-        audio = resample_poly(audio, SILERO_RATE, rate)
-        pause = np.zeros(SILERO_RATE // 2)
+        audio = resample_poly(audio, rate, speaker_rate)
+        pause = np.zeros(rate // 2)
         repeated = np.concatenate([np.concatenate([audio, pause])] * (samples // (audio.size + pause.size) + 1))
         rows.append(repeated[:samples])
     return torch.from_numpy(np.stack(rows)).float()
@@ -93,8 +93,8 @@ def check_loading(vad: SileroVAD, audio: torch.Tensor) -> float:
     model = torch.jit.load(str(package_file("silero-vad", "silero_vad/data/silero_vad.jit", "")), map_location="cpu")
     model.reset_states()
     with torch.no_grad():
-        theirs = torch.tensor([float(model(chunk.unsqueeze(0), SILERO_RATE))
-                               for chunk in audio[0].split(SILERO_CHUNK)])
+        theirs = torch.tensor([float(model(chunk.unsqueeze(0), vad.rate))
+                               for chunk in audio[0].split(vad.layout.chunk)])
         hidden, _ = vad.network().to_torch()(vad.features(audio[:1]))
     ours = vad.speech_probability(hidden)[:, 0]
     return float((theirs - ours).abs().max())
@@ -210,21 +210,24 @@ def main() -> None:
     args = parser.parse_args()
     out = output_directory(args, "trained-")
     seq_len, batch = (64, 2) if args.quick else (500, 4)
-    vad = SileroVAD.from_package()
-    with tempfile.TemporaryDirectory() as workdir:
-        audio = synthesise(seq_len, batch, Path(workdir))
-    loading = check_loading(vad, audio)
-    print(f"silero-vad: package model against the reconstruction: {loading:.2e}", flush=True)
-    features = vad.features(audio)
-    problems = []
-    for dtype in (torch.float64, torch.float32):
-        print(f"silero-vad LSTM, {dtype}, T = {seq_len}, B = {batch}", flush=True)
-        problems.append(study(vad, features, dtype, args.budget))
+    networks = []
+    for rate in (16000, 8000):
+        vad = SileroVAD.from_package(rate)
+        with tempfile.TemporaryDirectory() as workdir:
+            audio = synthesise(seq_len, batch, Path(workdir), rate, vad.layout.chunk)
+        loading = check_loading(vad, audio)
+        name = f"silero-vad {rate // 1000} kHz LSTM (I = H = 128)"
+        print(f"{name}: package model against the reconstruction: {loading:.2e}", flush=True)
+        features = vad.features(audio)
+        problems = []
+        for dtype in (torch.float64, torch.float32):
+            print(f"{name}, {dtype}, T = {seq_len}, B = {batch}", flush=True)
+            problems.append(study(vad, features, dtype, args.budget))
+        networks.append({"name": name, "loading_check": loading, "loading_steps": seq_len, "problems": problems})
     data = {
         "meta": metadata("analysis/trained_networks.py", args.quick, {"seq_len": seq_len, "batch": batch},
-                         inputs="espeak-ng speech, 16 kHz, silero-vad's encoder", budget_seconds=args.budget),
-        "networks": [{"name": "silero-vad LSTM (I = H = 128)", "loading_check": loading, "loading_steps": seq_len,
-                      "problems": problems}],
+                         inputs="espeak-ng speech at the model's rate, silero-vad's encoder", budget_seconds=args.budget),
+        "networks": networks,
     }
     data = write_and_reload(out / "trained_networks.json", data)
     plot_trained_networks(data, out / "trained_networks.png")

@@ -119,5 +119,9 @@ def test_bad_files_and_audio_are_refused(stand_in, tmp_path):
         SileroVAD({**vad.weights, "conv1.bias": torch.zeros(3)})
     with pytest.raises(InputError, match="audio must be"):
         vad.features(torch.zeros(100))
+    with pytest.raises(InputError, match="rate must be one of"):
+        SileroVAD.from_torchscript(path, rate=44100)
+    with pytest.raises(InputError, match="not silero-vad's model"):
+        SileroVAD.from_torchscript(path, rate=8000)  # the stand-in has no 8 kHz model
     with pytest.raises(MissingPackage, match="not installed"):
         package_file("no-such-distribution-here", "x", "pip install it")
