@@ -607,10 +607,10 @@ def plot_trained_networks(data: Mapping[str, Any], path: str | os.PathLike) -> F
             count_axis.bar(positions + offset + width, predicted, width, label=f"predicted, {problem['dtype']}",
                            color=["tab:blue", "tab:orange"][index % 2], alpha=0.35)
         count_axis.axhline(first["seq_len"], color="k", lw=0.8, ls="--", label=f"T = {first['seq_len']}")
-        count_axis.set_xticks(np.arange(len(labels)), labels, fontsize=8)
+        count_axis.set_xticks(np.arange(len(labels)), labels, fontsize=8, rotation=30, ha="right")
         count_axis.set_yscale("log")
         count_axis.set_ylabel("iterations (hatched: not converged)")
-        count_axis.legend(fontsize=7)
+        count_axis.legend(fontsize=7, loc="lower left")
     meta = data.get("meta", {})
     figure.suptitle(f"Trained networks on synthesised speech; {meta.get('platform', 'CPU')}, {meta.get('date', '')[:10]}",
                     fontsize=9)
