@@ -1,8 +1,10 @@
 """Contraction of ``F``: certified Lipschitz bounds, kept apart from estimates.
 
-Certified numbers are proofs up to the rounding of the bound's own arithmetic (relative
-``~eps`` of the dtype; Elman's 2-norm bound can be attained, so comparisons need that slack):
-they hold for every state the exact solution *and every Picard iterate from zero* can take.  Estimates carry no guarantee.  The
+Certified numbers are evaluated in float64 whatever the model's dtype (the weights and inputs
+are converted exactly), then rounded outward: multiplied by :func:`outward` ``1 + 16·n·u`` with
+``n = T + G·H·S + 64`` (more than the operations on any path of the bound's arithmetic, the
+SVD's ``O(S·u)`` error included) and moved to the next float up.  They hold for every state the
+exact solution *and every Picard iterate from zero* can take.  Estimates carry no guarantee.  The
 derivations are in ``docs/contraction.md``.
 
 Norms: ``"2"`` or ``"inf"`` on each position's state; for LSTM the state norm is
@@ -104,10 +106,27 @@ class StepBounds:
     state_norm: Tensor
 
 
+def outward(values: Tensor, operations: int) -> Tensor:
+    """``values ≥ 0`` computed in float64 by at most ``operations`` dependent roundings, made an
+    upper bound of the exact result: ``× (1 + 16·(operations + 64)·2⁻⁵³)``, then the next float up."""
+    factor = 1 + 16 * (operations + 64) * 2.0**-53
+    inflated = values.to(torch.float64) * factor
+    return torch.nextafter(inflated, torch.full_like(inflated, math.inf))
+
+
+def _operations(cell: Cell, steps: int) -> int:
+    """A count above the dependent roundings of any bound of ``cell`` over ``steps`` positions."""
+    return steps + cell.gate_count * cell.hidden_size * cell.state_size
+
+
 def certified_step_bounds(system: SequenceSystem, norm: Norm = "2", chunk: int = 256) -> StepBounds:
-    """Data-conditional certified bounds ``L_t`` for this input sequence (see module docstring)."""
-    p = system.projected_inputs
-    return _step_bounds(system.cell, (p, p), system.initial_state, check_norm(norm), chunk)
+    """Data-conditional certified bounds ``L_t`` for this input sequence (see module docstring),
+    evaluated in float64 and rounded outward whatever the system's dtype."""
+    cell = system.cell.to(dtype=torch.float64)
+    p = cell.input_projection(system.inputs.to(torch.float64))
+    bounds = _step_bounds(cell, (p, p), system.initial_state.to(torch.float64), check_norm(norm), chunk)
+    operations = _operations(cell, system.seq_len)
+    return StepBounds(outward(bounds.lipschitz, operations), outward(bounds.state_norm, operations))
 
 
 def _step_bounds(
@@ -298,18 +317,21 @@ def certified_global_bound(cell: Cell, norm: Norm = "2", seq_len: int | None = N
     ``seq_len``.
     """
     norm = check_norm(norm)
-    if isinstance(cell, ElmanCell):
-        w = cell.weight_hh
-        return float(w.abs().sum(-1).max() if norm == "inf" else torch.linalg.matrix_norm(w, ord=2))
+    if not isinstance(cell, (ElmanCell, GRUCell, LSTMCell)):
+        raise InputError(f"no contraction analysis for {type(cell).__name__}")
+    if isinstance(cell, LSTMCell) and seq_len is None:
+        raise InputError("an LSTM's global bound depends on the sequence length: pass seq_len")
+    wide = cell.to(dtype=torch.float64)
+    operations = _operations(wide, seq_len or 1)
+    if isinstance(wide, ElmanCell):
+        w = wide.weight_hh
+        value = w.abs().sum(-1).max() if norm == "inf" else torch.linalg.matrix_norm(w, ord=2)
+        return float(outward(value, operations))
     # GRU/LSTM: the step bound with every input pre-activation in (−∞, ∞).  It is ≥ 1 in exact
     # arithmetic (z → 1, f → 1 give the identity); the clamp keeps rounding from saying otherwise.
-    if isinstance(cell, GRUCell):
-        return max(1.0, _unbounded_input_bound(cell, norm, seq_len=1))
-    if isinstance(cell, LSTMCell):
-        if seq_len is None:
-            raise InputError("an LSTM's global bound depends on the sequence length: pass seq_len")
-        return max(1.0, _unbounded_input_bound(cell, norm, seq_len=seq_len))
-    raise InputError(f"no contraction analysis for {type(cell).__name__}")
+    steps = 1 if isinstance(wide, GRUCell) else seq_len
+    bound = torch.tensor(_unbounded_input_bound(wide, norm, seq_len=steps), dtype=torch.float64)
+    return max(1.0, float(outward(bound, operations)))
 
 
 def global_bound_applies(system: SequenceSystem) -> bool:

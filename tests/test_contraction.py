@@ -41,6 +41,7 @@ from fixedpoint.contraction import (
     certified_step_bounds,
     estimated_step_norms,
     global_bound_applies,
+    outward,
     predicted_picard_iterations,
     scale_to_certified_bound,
 )
@@ -304,7 +305,8 @@ def test_global_bound_dominates_every_conditional_entry(system, norm):
     if cell.kind == "elman":
         w = cell.weight_hh
         expected = float(w.abs().sum(-1).max()) if norm == "inf" else float(torch.linalg.matrix_norm(w, ord=2))
-        assert global_bound == pytest.approx(expected, rel=1e-14, abs=0)
+        # exactly ‖W_hh‖, rounded outward: never below it, above it by the outward factor only
+        assert expected <= global_bound <= expected * (1 + 1e-10)
     else:
         assert global_bound >= 1.0
     report = analyze(system, norm, atol=1e-12)
@@ -649,10 +651,13 @@ def test_global_bound_from_one_step_is_the_largest_over_all_steps(kind, norm, se
     from fixedpoint.contraction import _step_bounds
 
     cell = Network.random(kind, 3, 5, scale=2.0, seed=seq_len).cells[0][0]
+    wide = cell.to(dtype=F64)  # certified bounds are evaluated in float64 whatever the model's dtype
     steps = seq_len if kind == "lstm" else 1
     lo = torch.full((steps, 1, cell.gate_count * cell.hidden_size), -math.inf, dtype=F64)
-    every_step = _step_bounds(cell, (lo, -lo), torch.zeros(1, cell.state_size, dtype=F64), norm).lipschitz
-    assert certified_global_bound(cell, norm, seq_len=seq_len) == max(1.0, float(every_step.max()))
+    every_step = _step_bounds(wide, (lo, -lo), torch.zeros(1, cell.state_size, dtype=F64), norm).lipschitz
+    operations = seq_len + cell.gate_count * cell.hidden_size * cell.state_size
+    expected = max(1.0, float(outward(every_step.max(), operations)))
+    assert certified_global_bound(cell, norm, seq_len=seq_len) == expected
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -665,3 +670,22 @@ def test_lstm_step_norm_estimates_use_the_diagonal_blocks_exactly(norm):
     from fixedpoint.contraction import operator_norms
 
     torch.testing.assert_close(estimated_step_norms(system, states, norm), operator_norms(jacobians, norm, 6))
+
+
+@pytest.mark.parametrize("kind", ["elman", "gru", "lstm"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_certified_bounds_of_a_float32_model_are_evaluated_in_float64_and_rounded_outward(kind, norm):
+    """A float32 model's bounds are those of its exact float64 copy (float32 → float64 is exact),
+    rounded outward: above the float64 evaluation by no more than the outward factor."""
+    network = Network.random(kind, 3, 6, scale=1.5, seed=4, dtype=torch.float32)
+    single = SequenceSystem.build(network.cells[0][0], randn(12, 2, 3, seed=5, dtype=torch.float32))
+    wide = SequenceSystem.build(network.cells[0][0].to(dtype=F64), single.inputs.double())
+    torch.testing.assert_close(certified_step_bounds(single, norm).lipschitz, certified_step_bounds(wide, norm).lipschitz,
+                               rtol=0, atol=0)
+    assert certified_step_bounds(single, norm).lipschitz.dtype == F64
+    assert certified_global_bound(network.cells[0][0], norm, seq_len=12) == certified_global_bound(
+        wide.cell, norm, seq_len=12)
+    if kind == "elman":
+        w = wide.cell.weight_hh
+        exact = float(w.abs().sum(-1).max() if norm == "inf" else torch.linalg.matrix_norm(w, ord=2))
+        assert exact < certified_global_bound(network.cells[0][0], norm) <= exact * (1 + 1e-10)
