@@ -37,6 +37,10 @@ CHUNK = 1024
 #: most expanding direction (it is random at ``t = 0``).
 BURN_IN = 20
 
+#: ``log`` of the smallest positive float64: a step whose product is zero (``g_t = −inf``) counts
+#: as this much contraction in sums of ``g_t``, which keeps them finite.
+LOG_SMALLEST = math.log(2.0**-1074)
+
 #: Positions of the input the sequential loop runs to estimate before solving.
 DEFAULT_PREFIX = 256
 
@@ -136,7 +140,9 @@ class Predictability:
 
 def growth_rates(system: SequenceSystem, states: Tensor, *, seed: int = 0, chunk: int = CHUNK) -> Tensor:
     """``(T, B)`` float64: ``g_t = log ‖J_t v_{t−1}‖₂`` along ``states (T, B, S)``, ``v_0`` a
-    random unit vector per sample (from ``seed``), renormalised every step."""
+    random unit vector per sample (from ``seed``), renormalised every step.  ``g_t = −inf`` where
+    ``J_t v_{t−1} = 0`` (every perturbation dies there); the next step starts from a fresh
+    random direction."""
     if tuple(states.shape) != system.state_shape:
         raise InputError(f"states must have shape {system.state_shape}, got {tuple(states.shape)}")
     check_integer("chunk", chunk)
@@ -157,10 +163,15 @@ def growth_rates(system: SequenceSystem, states: Tensor, *, seed: int = 0, chunk
             for t in range(block.shape[0]):
                 vector = cell.jacobian_product(tuple(f[t] for f in factors), vector)
                 norm = vector.norm(dim=-1)
-                growth[start + t] = torch.log(norm)
-                # A zero product (a dead relu layer) ends all memory: restart from a fresh direction.
-                safe = torch.where(norm > 0, norm, torch.ones_like(norm))
-                vector = vector / safe.unsqueeze(-1)
+                growth[start + t] = torch.log(norm)  # −inf where the product is zero
+                # A zero product (a relu layer with every unit off) ends all memory: the sample
+                # restarts from a fresh random direction.
+                dead = norm == 0
+                if bool(dead.any()):
+                    fresh = torch.randn(batch, size, generator=generator, dtype=torch.float64).to(wide.device)
+                    vector = torch.where(dead.unsqueeze(-1), fresh, vector)
+                    norm = torch.where(dead, fresh.norm(dim=-1), norm)
+                vector = vector / norm.unsqueeze(-1)
             previous_last = block[-1]
     return growth
 
@@ -201,14 +212,16 @@ def predictability(
             raise InputError(f"states must have shape (P, B, S) with P ≤ T for {system.state_shape}, "
                              f"got {tuple(states.shape)}")
         head = SequenceSystem(system.cell, system.inputs[:measured], system.initial_state)
+    if not bool(torch.isfinite(states).all()):
+        raise InputError("states must be finite: there is no Lyapunov exponent along an overflowed trajectory")
     growth = growth_rates(head, states, seed=seed)
+    bounded = growth.clamp(min=LOG_SMALLEST)  # a zero product: the most contraction a float64 can hold
     burn = min(BURN_IN, max(measured - 1, 0))
-    settled = growth[burn:] if measured > burn else growth
-    finite = torch.where(torch.isfinite(settled), settled, torch.zeros_like(settled))
-    lyapunov = finite.mean(0) if settled.shape[0] else growth.new_zeros(growth.shape[1])
+    settled = bounded[burn:] if measured > burn else bounded
+    lyapunov = settled.mean(0) if settled.shape[0] else growth.new_zeros(growth.shape[1])
     memory = torch.where(lyapunov != 0, 1 / lyapunov.abs(), torch.full_like(lyapunov, math.inf))
     span = min(window, measured)
-    cumulative = torch.cat((growth.new_zeros(1, growth.shape[1]), torch.nan_to_num(growth, neginf=-745.0).cumsum(0)))
+    cumulative = torch.cat((growth.new_zeros(1, growth.shape[1]), bounded.cumsum(0)))
     window_growth = torch.exp((cumulative[span:] - cumulative[:-span]).amax(0))
     # Predictions for the full T: the measured growth, extended periodically past a prefix.
     repeats = math.ceil(steps / measured)
@@ -234,10 +247,10 @@ def _picard_iterations(growth: Tensor, state_size: Tensor, rtol: float, atol: fl
     linearised error of ``k`` Picard sweeps from zero along the renormalised direction — plus the
     driver's one iteration that observes it; at most ``T`` (finite termination)."""
     steps, batch = growth.shape
-    log_growth = torch.nan_to_num(growth, neginf=-745.0)
+    log_growth = growth.clamp(min=LOG_SMALLEST)
     cumulative = torch.cat((log_growth.new_zeros(1, batch), log_growth.cumsum(0)))  # (T + 1, B)
     log_start = torch.log(state_size.clamp(min=1e-300))  # the error of S⁰ = 0 is the solution
-    log_tolerance = torch.log(atol + rtol * state_size).clamp(min=-745.0)
+    log_tolerance = torch.log(atol + rtol * state_size).clamp(min=LOG_SMALLEST)
     predicted = torch.full((batch,), steps, dtype=torch.long, device=growth.device)
     pending = torch.ones(batch, dtype=torch.bool, device=growth.device)
     for k in range(1, steps):

@@ -125,3 +125,27 @@ def test_a_given_prefix_of_states_is_the_same_as_solving_the_prefix():
     assert torch.equal(given.picard, solved.picard)
     with pytest.raises(InputError, match="P ≤ T"):
         predictability(system, torch.zeros(301, 2, 6, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def test_a_step_that_kills_every_perturbation_restarts_the_direction():
+    """relu with W_hh = 0.9·I and positive drive, except one step driven far below zero: there every
+    unit is off, J_t = 0, g_t = −inf; the steps after it grow by log 0.9 again (a fresh direction,
+    not a zero vector), and the exponent and predictions stay finite."""
+    system = diagonal_relu_system(0.9, steps=80)
+    inputs = system.inputs.clone()
+    inputs[40] = -100.0
+    system = SequenceSystem.build(system.cell, inputs)
+    found = predictability(system, system.sequential(), rtol=1e-12, atol=1e-12)
+    assert bool(torch.isneginf(found.growth[40]).all())
+    others = torch.cat((found.growth[:40], found.growth[41:]))
+    torch.testing.assert_close(others, torch.full_like(others, math.log(0.9)), rtol=1e-12, atol=1e-12)
+    assert bool(torch.isfinite(found.lyapunov).all()) and bool((found.lyapunov < math.log(0.9)).all())
+    assert bool(((found.picard >= 1) & (found.picard <= 80)).all())
+
+
+def test_an_overflowed_trajectory_is_refused():
+    system = diagonal_relu_system(0.5, steps=10)
+    states = system.sequential()
+    states[3, 0, 0] = float("inf")
+    with pytest.raises(InputError, match="states must be finite"):
+        predictability(system, states, rtol=1e-12, atol=1e-12)
