@@ -16,7 +16,7 @@ small studies, not for every solve.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -48,21 +48,44 @@ class Trajectory:
 
     @classmethod
     def of(cls, system: SequenceSystem, states: Tensor) -> "Trajectory":
+        _, whole = next(cls.chunks(system, states, max(system.seq_len, 1)))
+        return whole
+
+    @classmethod
+    def chunks(cls, system: SequenceSystem, states: Tensor, size: int) -> Iterator[tuple[int, "Trajectory"]]:
+        """The trajectory in pieces of at most ``size`` positions, as ``(first position, piece)``:
+        float64 temporaries bounded by ``size`` whatever ``T``; each piece's ``previous`` starts
+        with the last state of the piece before (``s_0`` for the first)."""
         if tuple(states.shape) != system.state_shape:
             raise InputError(f"states must have shape {system.state_shape}, got {tuple(states.shape)}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise InputError(f"chunk must be a positive integer, got {size!r}")
         cell = system.cell.to(dtype=torch.float64)
         wide = states.detach().double()
-        projected = cell.input_projection(system.inputs.detach().double())
-        previous = torch.cat((system.initial_state.detach().double().unsqueeze(0), wide[:-1]))
-        return cls(cell, wide, previous, projected)
+        inputs = system.inputs.detach().double()
+        last = system.initial_state.detach().double()
+        for start in range(0, system.seq_len, size):
+            block = wide[start : start + size]
+            previous = torch.cat((last.unsqueeze(0), block[:-1]))
+            yield start, cls(cell, block, previous, cell.input_projection(inputs[start : start + size]))
+            last = block[-1]
 
     def jacobians(self) -> Tensor:
         """``J_t`` at every step, ``(T, B, S, S)``."""
         return self.cell.jacobian(self.previous, self.projected)
 
+    def factors(self) -> tuple[Tensor, ...]:
+        """The cell's :meth:`~fixedpoint.cells.Cell.linearization` at every step: ``J_t v`` and
+        ``J_tᵀ v`` without the ``S × S`` matrices."""
+        return self.cell.linearization(self.previous, self.projected)
+
+    def image(self) -> Tensor:
+        """``F(S)``, ``(T, B, S)``."""
+        return self.cell.step(self.previous, self.projected)
+
     def residual(self) -> Tensor:
         """``F(S) − S``, ``(T, B, S)``."""
-        return self.cell.step(self.previous, self.projected) - self.states
+        return self.image() - self.states
 
 
 def propagated_bound(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fixedpoint.errors import InputError
+from fixedpoint.conditioning import Trajectory
 from fixedpoint.system import SequenceSystem
 
 #: The dtype in which the residual and the correction are evaluated.
@@ -60,35 +60,22 @@ def correction_and_residual(
     """``δ (T, B, S)`` as :func:`linearized_correction`, and the residual's size per sample
     ``(B,)``: ``max |r|`` or, with ``tolerances = (rtol, atol)``, the scaled
     ``max |r| / (atol + rtol·|F(states)|)`` of the driver's termination test."""
-    if tuple(states.shape) != system.state_shape:
-        raise InputError(f"states must have shape {system.state_shape}, got {tuple(states.shape)}")
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-        raise InputError(f"chunk must be a positive integer, got {chunk!r}")
     with torch.no_grad():
-        cell = system.cell.to(dtype=ESTIMATE_DTYPE)
-        wide = states.detach().to(ESTIMATE_DTYPE)
-        inputs = system.inputs.detach().to(ESTIMATE_DTYPE)
-        steps, batch, size = wide.shape
-        correction = torch.empty_like(wide)
-        residual_size = wide.new_zeros(batch)
-        delta = wide.new_zeros(batch, size)
-        previous_last = system.initial_state.detach().to(ESTIMATE_DTYPE)
-        for start in range(0, steps, chunk):
-            block = wide[start : start + chunk]
-            previous = torch.cat((previous_last.unsqueeze(0), block[:-1]))
-            projected = cell.input_projection(inputs[start : start + chunk])
-            image = cell.step(previous, projected)
-            residual = image - block
+        correction = states.new_empty(states.shape, dtype=ESTIMATE_DTYPE)
+        residual_size = correction.new_zeros(states.shape[1])
+        delta = correction.new_zeros(states.shape[1:])
+        for start, piece in Trajectory.chunks(system, states, chunk):
+            image = piece.image()
+            residual = image - piece.states
             size_here = residual.abs()
             if tolerances is not None:
                 rtol, atol = tolerances
                 size_here = size_here / (atol + rtol * image.abs()).clamp_(min=torch.finfo(ESTIMATE_DTYPE).tiny)
             residual_size = torch.maximum(residual_size, size_here.amax(dim=(0, 2)))
-            factors = cell.linearization(previous, projected)
-            for t in range(block.shape[0]):
-                delta = cell.jacobian_product(tuple(f[t] for f in factors), delta) + residual[t]
+            factors = piece.factors()
+            for t in range(piece.states.shape[0]):
+                delta = piece.cell.jacobian_product(tuple(f[t] for f in factors), delta) + residual[t]
                 correction[start + t] = delta
-            previous_last = block[-1]
     return correction, residual_size
 
 

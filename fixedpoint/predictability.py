@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fixedpoint.conditioning import Trajectory
 from fixedpoint.errors import InputError
 from fixedpoint.solvers.base import check_integer
 from fixedpoint.system import SequenceSystem
@@ -143,36 +144,26 @@ def growth_rates(system: SequenceSystem, states: Tensor, *, seed: int = 0, chunk
     random unit vector per sample (from ``seed``), renormalised every step.  ``g_t = −inf`` where
     ``J_t v_{t−1} = 0`` (every perturbation dies there); the next step starts from a fresh
     random direction."""
-    if tuple(states.shape) != system.state_shape:
-        raise InputError(f"states must have shape {system.state_shape}, got {tuple(states.shape)}")
-    check_integer("chunk", chunk)
     with torch.no_grad():
-        cell = system.cell.to(dtype=torch.float64)
-        wide = states.detach().double()
-        inputs = system.inputs.detach().double()
-        steps, batch, size = wide.shape
+        steps, batch, size = states.shape
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        vector = torch.randn(batch, size, generator=generator, dtype=torch.float64).to(wide.device)
+        vector = torch.randn(batch, size, generator=generator, dtype=torch.float64).to(states.device)
         vector = vector / vector.norm(dim=-1, keepdim=True)
-        growth = wide.new_empty(steps, batch)
-        previous_last = system.initial_state.detach().double()
-        for start in range(0, steps, chunk):
-            block = wide[start : start + chunk]
-            previous = torch.cat((previous_last.unsqueeze(0), block[:-1]))
-            factors = cell.linearization(previous, cell.input_projection(inputs[start : start + chunk]))
-            for t in range(block.shape[0]):
-                vector = cell.jacobian_product(tuple(f[t] for f in factors), vector)
+        growth = vector.new_empty(steps, batch)
+        for start, piece in Trajectory.chunks(system, states, chunk):
+            factors = piece.factors()
+            for t in range(piece.states.shape[0]):
+                vector = piece.cell.jacobian_product(tuple(f[t] for f in factors), vector)
                 norm = vector.norm(dim=-1)
                 growth[start + t] = torch.log(norm)  # −inf where the product is zero
                 # A zero product (a relu layer with every unit off) ends all memory: the sample
                 # restarts from a fresh random direction.
                 dead = norm == 0
                 if bool(dead.any()):
-                    fresh = torch.randn(batch, size, generator=generator, dtype=torch.float64).to(wide.device)
+                    fresh = torch.randn(batch, size, generator=generator, dtype=torch.float64).to(states.device)
                     vector = torch.where(dead.unsqueeze(-1), fresh, vector)
                     norm = torch.where(dead, fresh.norm(dim=-1), norm)
                 vector = vector / norm.unsqueeze(-1)
-            previous_last = block[-1]
     return growth
 
 

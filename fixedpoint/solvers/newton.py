@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
 
 from fixedpoint.errors import InputError
-from fixedpoint.scan import apply_transitions, linear_recurrence, regularized_recurrence
+from fixedpoint.scan import Structure, apply_transitions, linear_recurrence, regularized_recurrence
 from fixedpoint.solvers.base import Solver, check_integer, check_number
 from fixedpoint.system import SequenceSystem
 
@@ -200,10 +200,7 @@ class Newton(Solver):
     ) -> Tensor:
         """The (quasi-)Newton point ``Y`` of the linearisation at ``X``: ``(n, B, S)``."""
         window = iterate.shape[0]
-        previous = system.previous_states(iterate, predecessor)
-        inputs = system.projected_inputs[system.seq_len - window :]
-        structure = "dense" if self.jacobian == "full" else ("block2" if system.cell.kind == "lstm" else "diagonal")
-        jacobian = system.cell.jacobian if self.jacobian == "full" else system.cell.unit_jacobian
+        previous, inputs, jacobian, structure = self._linearization(system, iterate, predecessor)
         size = chunk or window
         pieces = []
         start_state = predecessor
@@ -216,6 +213,17 @@ class Newton(Solver):
             pieces.append(piece)
             start_state = piece[-1]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _linearization(
+        self, system: SequenceSystem, iterate: Tensor, predecessor: Tensor
+    ) -> tuple[Tensor, Tensor, Callable[[Tensor, Tensor], Tensor], Structure]:
+        """What a step linearises: the states the window's positions read ``(n, B, S)``, their
+        projected inputs, the Jacobian this solver uses (full or per unit) and its scan structure."""
+        previous = system.previous_states(iterate, predecessor)
+        inputs = system.projected_inputs[system.seq_len - iterate.shape[0] :]
+        if self.jacobian == "full":
+            return previous, inputs, system.cell.jacobian, "dense"
+        return previous, inputs, system.cell.unit_jacobian, "block2" if system.cell.kind == "lstm" else "diagonal"
 
     def _backtrack(
         self,
@@ -257,11 +265,7 @@ class Newton(Solver):
         """Per sample, the regularised step that lowers the merit (module docstring); a sample
         for which none does within ``max_backtracks`` increases of ``λ`` keeps ``X``."""
         rtol, atol = self.tolerances(iterate.dtype)
-        window = iterate.shape[0]
-        previous = system.previous_states(iterate, predecessor)
-        inputs = system.projected_inputs[system.seq_len - window :]
-        structure = "dense" if self.jacobian == "full" else ("block2" if system.cell.kind == "lstm" else "diagonal")
-        jacobian = system.cell.jacobian if self.jacobian == "full" else system.cell.unit_jacobian
+        previous, inputs, jacobian, structure = self._linearization(system, iterate, predecessor)
         transitions = jacobian(previous, inputs)
         merit = 0.5 * residual.square().sum(dim=(0, 2))  # (B,)
         regularization = state.regularization.clone()
