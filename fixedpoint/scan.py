@@ -8,9 +8,10 @@ three structures, told apart by its shape:
   per-unit ``(h_j, c_j)`` blocks of an LSTM state ``[h, c]``;
 - ``"dense"``: ``A (T, B, S, S)``.
 
-The parallel version is a Hillis–Steele scan over the pairs ``(A, b)`` with the associative
-composition ``(A_2, b_2) ∘ (A_1, b_1) = (A_2 A_1, A_2 b_1 + b_2)``: ``⌈log₂ T⌉`` rounds of
-batched products, any ``T``.  ``reverse=True`` runs ``y_t = A_t y_{t+1} + b_t`` from the end
+The parallel version is a work-efficient scan over the pairs ``(A, b)`` with the associative
+composition ``(A_2, b_2) ∘ (A_1, b_1) = (A_2 A_1, A_2 b_1 + b_2)``: odd–even reduction (the
+recursive form of Blelloch's up- and down-sweep), ``O(T)`` work in ``⌈log₂ T⌉`` levels of batched
+products on strided views, any ``T``.  ``reverse=True`` runs ``y_t = A_t y_{t+1} + b_t`` from the end
 (``y_{T+1} = y0``), the form of an adjoint recurrence.  ``chunk`` bounds memory: the sequence is
 scanned in chunks of that length, each started from the last state of the one before.
 """
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fixedpoint.errors import InputError
+from fixedpoint.kernels import use_kernels
 
 Structure = Literal["diagonal", "block2", "dense"]
 
@@ -60,17 +62,23 @@ def apply_transitions(transitions: Tensor, vectors: Tensor, structure: Structure
     )
 
 
-def _compose(later: Tensor, earlier: Tensor, structure: Structure) -> Tensor:
-    """``A_later · A_earlier``."""
+def _compose(later: Tensor, earlier: Tensor, structure: Structure, out: Tensor | None = None) -> Tensor:
+    """``A_later · A_earlier``, into ``out`` when given."""
+    if _recording(later, earlier):  # autograd records no out= operations: compose, then copy
+        composed = _compose_plain(later, earlier, structure)
+        return composed if out is None else out.copy_(composed)
     if structure == "diagonal":
-        return later * earlier
+        return torch.mul(later, earlier, out=out)
     if structure == "dense":
-        return later @ earlier
-    l00, l01, l10, l11 = later[..., 0, 0], later[..., 0, 1], later[..., 1, 0], later[..., 1, 1]
-    e00, e01, e10, e11 = earlier[..., 0, 0], earlier[..., 0, 1], earlier[..., 1, 0], earlier[..., 1, 1]
-    top = torch.stack((l00 * e00 + l01 * e10, l00 * e01 + l01 * e11), dim=-1)
-    bottom = torch.stack((l10 * e00 + l11 * e10, l10 * e01 + l11 * e11), dim=-1)
-    return torch.stack((top, bottom), dim=-2)
+        return torch.matmul(later, earlier, out=out)
+    # 2×2 blocks written out entry by entry, each product accumulated in place.
+    out = torch.empty_like(later) if out is None else out
+    for row in range(2):
+        for column in range(2):
+            entry = out[..., row, column]
+            torch.mul(later[..., row, 0], earlier[..., 0, column], out=entry)
+            entry.addcmul_(later[..., row, 1], earlier[..., 1, column])
+    return out
 
 
 def _check(transitions: Tensor, values: Tensor, initial: Tensor) -> Structure:
@@ -109,12 +117,29 @@ def linear_recurrence(
         initial: ``y_0 (B, S)``.
         reverse: run from ``t = T`` down to 1 with ``y_{T+1} = initial``.
         chunk: scan at most this many positions at a time (memory ``O(chunk)``, not ``O(T)``).
+
+    On CUDA with Triton installed, diagonal and 2×2-block transitions go to the fused kernel
+    :func:`fixedpoint.kernels.scan.linear_recurrence` (unless autograd records the call, or
+    ``FIXEDPOINT_KERNELS=torch``); elsewhere to :func:`linear_recurrence_torch`, its reference.
     """
+    structure = _check(transitions, values, initial)
+    if structure != "dense" and use_kernels(values) and not _recording(transitions, values, initial):
+        from fixedpoint.kernels.scan import linear_recurrence as fused  # imports Triton
+
+        return fused(transitions, values, initial, reverse=reverse)
+    return linear_recurrence_torch(transitions, values, initial, reverse=reverse, chunk=chunk)
+
+
+def linear_recurrence_torch(
+    transitions: Tensor, values: Tensor, initial: Tensor, *, reverse: bool = False, chunk: int | None = None
+) -> Tensor:
+    """:func:`linear_recurrence` in torch operations on any device: the CPU path, the reference
+    of the fused kernels, and the differentiable form under autograd."""
     structure = _check(transitions, values, initial)
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise InputError(f"chunk must be a positive integer or None, got {chunk!r}")
     if reverse:
-        return linear_recurrence(transitions.flip(0), values.flip(0), initial, chunk=chunk).flip(0)
+        return linear_recurrence_torch(transitions.flip(0), values.flip(0), initial, chunk=chunk).flip(0)
     steps = values.shape[0]
     size = chunk or steps
     pieces = []
@@ -127,21 +152,97 @@ def linear_recurrence(
 
 
 def _scan(transitions: Tensor, values: Tensor, initial: Tensor, structure: Structure) -> Tensor:
-    # Fold y_0 into the first value, then every prefix composition gives y_t = (A…A, b…)·[y_0]
-    # with only the b-part needed: y_t = B_t where (A_t…A_1, B_t) is the composed pair.
-    values = values.clone()
-    values[0] = apply_transitions(transitions[0], initial, structure) + values[0]
-    transitions = transitions.clone()
-    offset = 1
+    # Fold y_0 into the first value; then y_0 = b_0 and the recurrence needs no initial state.
+    first = _affine(transitions[0], initial, values[0], structure)
+    if _recording(transitions, values, initial):
+        return _odd_even_differentiable(transitions, values, first, structure)
+    out = torch.empty_like(values)
+    _odd_even(transitions, values, first, out, structure)
+    return out
+
+
+def _compose_plain(later: Tensor, earlier: Tensor, structure: Structure) -> Tensor:
+    """``A_later · A_earlier`` from out-of-place operations (differentiable)."""
+    if structure == "diagonal":
+        return later * earlier
+    if structure == "dense":
+        return later @ earlier
+    rows = [
+        torch.stack([later[..., r, 0] * earlier[..., 0, c] + later[..., r, 1] * earlier[..., 1, c] for c in range(2)], -1)
+        for r in range(2)
+    ]
+    return torch.stack(rows, dim=-2)
+
+
+def _recording(*tensors: Tensor) -> bool:
+    """Whether autograd records operations on these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _affine(transitions: Tensor, vectors: Tensor, values: Tensor, structure: Structure) -> Tensor:
+    """``A y + b`` into one new tensor, without temporaries where the structure allows."""
+    if _recording(transitions, vectors, values):
+        return apply_transitions(transitions, vectors, structure) + values
+    if structure == "diagonal":
+        return torch.addcmul(values, transitions, vectors)
+    if structure == "dense":
+        return (transitions @ vectors.unsqueeze(-1)).squeeze(-1).add_(values)
+    half = vectors.shape[-1] // 2
+    out = torch.empty_like(values)
+    for row, rows in enumerate((slice(0, half), slice(half, None))):
+        part = out[..., rows]
+        torch.addcmul(values[..., rows], transitions[..., row, 0], vectors[..., :half], out=part)
+        part.addcmul_(transitions[..., row, 1], vectors[..., half:])
+    return out
+
+
+def _odd_even(transitions: Tensor, values: Tensor, first: Tensor, out: Tensor, structure: Structure) -> None:
+    """Write ``y_t = A_t y_{t−1} + b_t`` (``y_0 = first``; ``A_0``, ``b_0`` unused) into ``out``.
+
+    Work-efficient (odd–even reduction, the recursive form of Blelloch's up- and down-sweep):
+    pairing positions ``(2i, 2i+1)`` gives a recurrence half as long for the odd positions,
+    ``y_{2i+1} = (A_{2i+1} A_{2i}) y_{2i−1} + (A_{2i+1} b_{2i} + b_{2i+1})``, solved recursively
+    into the odd slots of ``out`` (a strided view, no copy); the even positions then follow in
+    one batched step, ``y_{2i} = A_{2i} y_{2i−1} + b_{2i}``.  ``O(T)`` work in ``⌈log₂ T⌉``
+    levels whose new tensors halve in size: the pairs' storage totals about one ``A`` and one ``b``.
+    """
     steps = values.shape[0]
-    while offset < steps:
-        # Right-hand sides are evaluated into new tensors before the in-place writes.
-        new_b = apply_transitions(transitions[offset:], values[:-offset], structure) + values[offset:]
-        if offset * 2 < steps:  # the last round needs no transitions
-            transitions[offset:] = _compose(transitions[offset:], transitions[:-offset], structure)
-        values[offset:] = new_b
-        offset *= 2
-    return values
+    out[0] = first
+    if steps == 1:
+        return
+    pairs = steps // 2
+    later = transitions[1 : 2 * pairs : 2]
+    paired_values = _affine(later, values[0 : 2 * pairs : 2], values[1 : 2 * pairs : 2], structure)
+    paired_first = _affine(transitions[1], first, values[1], structure)
+    # Position 0 of the shorter recurrence is never read (its predecessor is folded into
+    # paired_first), so its transition is left unset.
+    paired_transitions = torch.empty_like(later)
+    if pairs > 1:
+        _compose(later[1:], transitions[2 : 2 * pairs : 2], structure, out=paired_transitions[1:])
+    odd = out[1 : 2 * pairs : 2]
+    _odd_even(paired_transitions, paired_values, paired_first, odd, structure)
+    del paired_transitions, paired_values
+    count = (steps - 1) // 2  # even positions 2, 4, …, each after odd position 2i − 1
+    if count:
+        out[2::2] = _affine(transitions[2::2], odd[:count], values[2::2], structure)
+
+
+def _odd_even_differentiable(transitions: Tensor, values: Tensor, first: Tensor, structure: Structure) -> Tensor:
+    """:func:`_odd_even` from out-of-place operations, for autograd (which forbids writing into
+    views it has saved): the halves are interleaved by a stack instead of strided writes."""
+    steps = values.shape[0]
+    if steps == 1:
+        return first.unsqueeze(0)
+    pairs = steps // 2
+    later = transitions[1 : 2 * pairs : 2]
+    paired_values = _affine(later, values[0 : 2 * pairs : 2], values[1 : 2 * pairs : 2], structure)
+    paired_first = _affine(transitions[1], first, values[1], structure)
+    paired_transitions = torch.cat((later[:1], _compose(later[1:], transitions[2 : 2 * pairs : 2], structure)))
+    odd = _odd_even_differentiable(paired_transitions, paired_values, paired_first, structure)
+    count = (steps - 1) // 2
+    even = torch.cat((first.unsqueeze(0), _affine(transitions[2::2], odd[:count], values[2::2], structure)))
+    interleaved = torch.stack((even[:pairs], odd), dim=1).flatten(0, 1)
+    return torch.cat((interleaved, even[pairs:])) if steps % 2 else interleaved
 
 
 # -- the regularised (Levenberg–Marquardt) step: a Kalman smoother ---------------------------------

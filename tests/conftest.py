@@ -11,6 +11,12 @@ from typing import Any
 
 import pytest
 import torch
+
+# Without a CUDA device the Triton kernels run in Triton's interpreter (on CPU tensors); the
+# variable must be set before Triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, settings
 from torch import Tensor
 

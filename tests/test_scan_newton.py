@@ -41,6 +41,42 @@ def test_parallel_scan_equals_sequential(steps, batch, half, structure, reverse,
     assert float((fast - reference).abs().max()) <= tolerance * (1 + float(reference.abs().max()))
 
 
+@pytest.mark.parametrize("structure", sorted(SHAPES))
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_scan_is_differentiable_and_agrees_with_its_in_place_form(structure, steps):
+    # Under autograd the scan runs out of place; both forms compute the same numbers.
+    transitions = 0.5 * randn(*SHAPES[structure](steps, 2, 4), seed=steps, dtype=torch.float64)
+    values = randn(steps, 2, 4, seed=steps + 1, dtype=torch.float64)
+    initial = randn(2, 4, seed=steps + 2, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (transitions, values, initial)]
+    for reverse in (False, True):
+        recorded = linear_recurrence(*leaves, reverse=reverse)
+        assert recorded.requires_grad
+        assert torch.allclose(recorded.detach(), linear_recurrence(transitions, values, initial, reverse=reverse),
+                              rtol=0, atol=1e-13)
+        assert torch.autograd.gradcheck(lambda a, b, y: linear_recurrence(a, b, y, reverse=reverse, chunk=3), leaves)
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "block2"])
+def test_scan_is_work_efficient(structure):
+    # O(T) work: the new tensors of one scan total a few (T, B, S) tensors, where a Hillis–Steele
+    # scan allocates about 2·log₂ T of them (44 at T = 32768); and the operation count grows
+    # with log T, not T.
+    from fixedpoint.profiling import OperationCounter
+
+    counts = []
+    for steps in (1024, 4096):
+        transitions = 0.9 * torch.rand(*SHAPES[structure](steps, 4, 8), dtype=torch.float64)
+        values = torch.randn(steps, 4, 8, dtype=torch.float64)
+        with OperationCounter() as counter:
+            linear_recurrence(transitions, values, torch.zeros(4, 8, dtype=torch.float64))
+        assert counter.allocated_bytes <= 8 * values.untyped_storage().nbytes()
+        assert counter.host_syncs == 0
+        counts.append(counter.total_operations)
+    operations_per_level = counts[1] - counts[0]  # two more levels
+    assert 0 < operations_per_level <= 2 * 30  # 2×2 blocks: 26 operations a level
+
+
 def test_scan_rejects_mismatched_shapes():
     values = torch.zeros(5, 2, 4, dtype=torch.float64)
     with pytest.raises(InputError, match="A has shape"):

@@ -1,0 +1,26 @@
+"""Fused Triton kernels for CUDA (the ``gpu`` extra), each beside its torch reference.
+
+Nothing here imports Triton until a kernel is asked for, so the CPU path never needs it.  Every
+kernel has the signature of the torch function it replaces, and a test compares the two (on a
+CPU under ``TRITON_INTERPRET=1``, on CUDA for real).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def triton_available() -> bool:
+    """Whether Triton is installed (it is imported only when a kernel runs)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_kernels(tensor: torch.Tensor) -> bool:
+    """Whether the fused kernels serve computations on ``tensor``: on CUDA when Triton is
+    installed, unless ``FIXEDPOINT_KERNELS=torch`` asks for the torch reference everywhere."""
+    if os.environ.get("FIXEDPOINT_KERNELS", "").lower() == "torch":
+        return False
+    return tensor.device.type == "cuda" and triton_available()
