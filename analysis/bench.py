@@ -286,7 +286,7 @@ def markdown_train(result: dict) -> str:
     lines = [
         f"### Training pass (forward + backward): {result['device_name']} — {result['date']}",
         "",
-        f"B = {BATCH}, torch.nn default initialisation; gradients of Σ w ⊙ output for the inputs and "
+        f"B = {BATCH}, torch.nn default initialisation, TF32 off; gradients of Σ w ⊙ output for the inputs and "
         f"every parameter. Ratio = fixedpoint.nn ÷ torch.nn in the same process, alternating (< 1 is faster); "
         f"rel diff = max over the gradients of max |diff| ÷ max |torch.nn's gradient|; rel error: the same "
         f"against torch.nn in float64 (T ≤ 4096), for both float32 results; peak = memory the pass adds "
@@ -396,6 +396,9 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a job as JSON, run in this process
     args = parser.parse_args()
     if args.one:
+        # Every row, torch.nn's included, in true float32: TF32 off for matmuls and cuDNN.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         print(json.dumps(run_one(json.loads(args.one))))
         return
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -7,11 +7,10 @@ process, alternating, each after a warm-up (DESIGN §5).
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -21,6 +20,7 @@ from fixedpoint.solve import NetworkSolution, solve_network
 from fixedpoint.contraction import ContractionReport, Norm, analyze, estimated_step_norms
 from fixedpoint.forward_error import forward_error_estimate
 from fixedpoint.predictability import Predictability, predictability
+from fixedpoint.runtime import true_float32
 from fixedpoint.solvers import DEFAULT_TOLERANCES, Picard, Sequential, Solver
 
 
@@ -101,7 +101,7 @@ def compare_with_torch(
     attaches certificates to the last repetition's solve only (their time is not the solve's);
     ``phase`` hears what runs next, for a progress display.
     """
-    with _without_tf32():
+    with true_float32():
         return _compare(network, inputs, solver, hx, repeats, max_steps, callback, certify, phase or _silent)
 
 
@@ -111,17 +111,6 @@ Phase = Callable[[str], None]
 
 def _silent(description: str) -> None:
     """The default :data:`Phase`: no display."""
-
-
-@contextlib.contextmanager
-def _without_tf32() -> Iterator[None]:
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _compare(

@@ -22,8 +22,9 @@ hidden size (:func:`backpropagates_fused_kernel`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as functional
@@ -33,6 +34,7 @@ from torch.nn.utils.rnn import PackedSequence
 from fixedpoint.adjoint import ADJOINT_METHODS, AdjointMethod, adjoint_states, resolve_adjoint_method, solution_gradients
 from fixedpoint.cells import CELL_TYPES, Cell
 from fixedpoint.errors import InputError
+from fixedpoint.runtime import true_float32
 from fixedpoint.solve import solve
 from fixedpoint.solvers import SOLVERS, Auto, Sequential, Solver
 from fixedpoint.solvers.base import check_integer
@@ -139,7 +141,7 @@ class SolvedLayer(torch.autograd.Function):
         bias_ih: Tensor | None,
         bias_hh: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        with _autocast_off(inputs):
+        with _in_weights_dtype(inputs):
             cell = options.cell(weight_ih, weight_hh, bias_ih, bias_hh)
             system = SequenceSystem.build(cell, inputs, initial_state)
             solution = solve(system, options.solver, max_steps=options.max_steps)
@@ -163,7 +165,7 @@ class SolvedLayer(torch.autograd.Function):
             )
         inputs, initial_state, states, weight_ih, weight_hh, bias_ih, bias_hh = ctx.saved_tensors
         options: LayerOptions = ctx.options
-        with _autocast_off(inputs):
+        with _in_weights_dtype(inputs):
             cell = options.cell(weight_ih, weight_hh, bias_ih, bias_hh)
             system = SequenceSystem(cell, inputs, initial_state)
             state_gradients = torch.zeros_like(states)
@@ -180,14 +182,17 @@ def _fused_layer(
     """One layer, one direction by ``torch.nn``'s fused kernel under autograd (``adjoint="fused"``):
     ``x (T, B, I)``, ``s_0 (B, S)`` → ``(h (T, B, H), s_T (B, S))``, differentiable as ``torch.nn``.
     The inputs are validated as for a solve (NaN/Inf, ``T, B ≥ 1``), whichever path runs."""
-    with _autocast_off(inputs):
+    with _in_weights_dtype(inputs):
         system = SequenceSystem.build(options.cell(*weights), inputs, initial_state)  # validation only
         return system.cell.fused_sequence(system.inputs, system.initial_state, train=True)
 
 
-def _autocast_off(tensor: Tensor) -> Any:
-    """Solve and differentiate in the weights' dtype even inside ``torch.autocast``."""
-    return torch.autocast(device_type=tensor.device.type, enabled=False)
+@contextlib.contextmanager
+def _in_weights_dtype(tensor: Tensor) -> Iterator[None]:
+    """Solve and differentiate in the weights' dtype even inside ``torch.autocast``, and in true
+    float32 (no TF32) whichever path runs, cuDNN's or the parallel one."""
+    with torch.autocast(device_type=tensor.device.type, enabled=False), true_float32():
+        yield
 
 
 def resolve_solver(solver: Solver | str | None) -> Solver:

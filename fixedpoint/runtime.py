@@ -1,12 +1,17 @@
-"""Process-wide settings for the package's own programs (the CLI, benchmarks, analysis).
+"""Process-wide settings for the package's own programs (the CLI, benchmarks, analysis), and the
+one setting the library itself scopes to its own calls (:func:`true_float32`).
 
 Never applied on import: a library must not change its host process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
+from typing import Iterator
+
+import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -27,3 +32,21 @@ def keep_freed_memory() -> bool:
     except OSError:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
+@contextlib.contextmanager
+def true_float32() -> Iterator[None]:
+    """Within the block, float32 matrix products and cuDNN's recurrent kernels compute in float32,
+    not TF32 (10-bit mantissa), whatever the process chose; restored afterwards.
+
+    Torch lets CUDA float32 convolutions and cuDNN RNNs use TF32 by default (and matmuls when a
+    program asks for it): an exactness claim in float32 and a benchmark against cuDNN both need
+    both sides in true float32.  A no-op on a CPU.
+    """
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -40,6 +40,7 @@ from torch import Tensor
 from fixedpoint.cells import all_finite, check_floating
 from fixedpoint.errors import InputError, NoConvergence
 from fixedpoint.network import Network
+from fixedpoint.runtime import true_float32
 from fixedpoint.contraction import ContractionReport, Norm, a_posteriori_error_bound, analyze, check_norm, state_norms
 from fixedpoint.forward_error import correction_and_residual, scaled_size
 from fixedpoint.solvers import Picard, Solver
@@ -222,7 +223,8 @@ def solve(
         scaled residual, evaluated in float64.
     """
     # Nothing to differentiate: skip autograd's bookkeeping (≈10 % of torch's fused LSTM kernel).
-    with contextlib.nullcontext() if _tracks_gradients(system) else torch.no_grad():
+    # float32 means float32 on every path, cuDNN's and the parallel one's (no TF32).
+    with contextlib.nullcontext() if _tracks_gradients(system) else torch.no_grad(), true_float32():
         return _solve(system, solver, initial_guess, max_steps, throw, callback, certify, forward_error)
 
 

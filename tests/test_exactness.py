@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from conftest import BOUNDS, CELL_IDS, CELLS, generator, make_hx, max_diff, randn, reference
-from fixedpoint import Anderson, Auto, Network, Newton, Picard, QuasiNewton, Sequential, load_network, solve_network
+from fixedpoint import (
+    Anderson, Auto, Network, Newton, Picard, QuasiNewton, SequenceSystem, Sequential, load_network, solve, solve_network,
+)
 
 SOLVERS = [
     Sequential(), Sequential(kernel="fused"), Auto(), Picard(), Picard(damping=0.5), Anderson(), Newton(),
@@ -222,6 +224,27 @@ def test_load_network_elman_state_dict_default_is_tanh(tmp_path):
     assert load_network(tmp_path / "relu-module.pt").nonlinearity == "relu"  # a module records it
     inputs = randn(11, BATCH, 3, seed=82)
     check_against_torch(relu, inputs, module=module)
+
+
+def test_solves_and_modules_compute_in_true_float32_whatever_the_process_chose():
+    # TF32 flags are process-wide; a solve and a module's passes switch them off for their own
+    # duration (float32 exactness claims need it) and restore the caller's choice afterwards.
+    from fixedpoint.nn import GRU
+
+    network = random_network("gru", "tanh", seed=5, dtype=torch.float32)
+    system = SequenceSystem.build(network.cells[0][0], randn(6, BATCH, INPUT_SIZE, seed=6, dtype=torch.float32))
+    seen = []
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        solve(system, Picard(), callback=lambda *_: seen.append(
+            (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)))
+        assert seen and set(seen) == {(False, False)}
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        GRU(INPUT_SIZE, 4)(randn(5, 2, INPUT_SIZE, seed=7, dtype=torch.float32))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # -- CUDA (skipped without a device) ------------------------------------------------------------------
