@@ -25,6 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) analysis/proxies.py
 	$(PY) analysis/bench.py
 
 # Seeded fuzzing of every solver, fixedpoint.nn and the command line against torch.nn: writes

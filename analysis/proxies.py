@@ -1,0 +1,141 @@
+"""Cost proxies that a CPU measures exactly and a GPU's time follows: host synchronisations per
+solve, aten operations (≈ kernel launches) per iteration, bytes allocated per iteration and per
+scan.  Counted with :class:`fixedpoint.profiling.OperationCounter`; deterministic, so one run
+suffices and the numbers do not depend on the machine's load.
+
+Writes ``docs/proxies.md`` and ``docs/proxies.json``.
+
+    python analysis/proxies.py [--out docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fixedpoint import Network, Picard, QuasiNewton, SequenceSystem, solve  # noqa: E402
+from fixedpoint.data import gaussian_inputs  # noqa: E402
+from fixedpoint.profiling import OperationCounter  # noqa: E402
+from fixedpoint.scan import linear_recurrence_torch  # noqa: E402
+
+#: The solve problem of the issue that asked for these counts: H = 16, T = 1024, B = 4, float32.
+SOLVE_PROBLEM = {"hidden": 16, "seq_len": 1024, "batch": 4}
+#: The scan problem: T = 32768, B = 16, H = 64, float32 (E = one (T, B, H) tensor = 128 MiB).
+SCAN_PROBLEM = {"seq_len": 32768, "batch": 16, "hidden": 64}
+
+
+def solve_counts() -> list[dict]:
+    rows = []
+    hidden, seq_len, batch = SOLVE_PROBLEM["hidden"], SOLVE_PROBLEM["seq_len"], SOLVE_PROBLEM["batch"]
+    for kind in ("elman", "gru", "lstm"):
+        network = Network.random(kind, hidden, hidden, seed=0, dtype=torch.float32)
+        system = SequenceSystem.build(network.cells[0][0], gaussian_inputs(seq_len, batch, hidden, seed=1, dtype=torch.float32))
+        element = seq_len * batch * system.cell.state_size * 4  # bytes of one (T, B, S) tensor
+        for solver in (Picard(), QuasiNewton()):
+            with OperationCounter() as iterations_only:
+                solution = solve(system, solver, forward_error="off")
+            with OperationCounter() as default:
+                solve(system, solver)
+            count = solution.stats.iterations
+            rows.append({
+                "cell": kind, "solver": solver.name, "iterations": count,
+                "host_syncs": iterations_only.host_syncs,
+                "host_syncs_with_forward_error": default.host_syncs,
+                "operations_per_iteration": iterations_only.total_operations / count,
+                "allocated_E_per_iteration": iterations_only.allocated_bytes / element / count,
+                "forward_error_operations": default.total_operations - iterations_only.total_operations,
+            })
+    return rows
+
+
+def scan_counts() -> list[dict]:
+    rows = []
+    steps, batch, hidden = SCAN_PROBLEM["seq_len"], SCAN_PROBLEM["batch"], SCAN_PROBLEM["hidden"]
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(steps, batch, hidden, generator=generator)
+    for structure, shape in (("diagonal", (steps, batch, hidden)), ("block2", (steps, batch, hidden // 2, 2, 2))):
+        transitions = 0.5 * torch.rand(*shape, generator=generator)
+        with OperationCounter() as counter:
+            linear_recurrence_torch(transitions, values, torch.zeros(batch, hidden))
+        rows.append({
+            "structure": structure, "operations": counter.total_operations, "host_syncs": counter.host_syncs,
+            "allocated_E": counter.allocated_bytes / values.untyped_storage().nbytes(),
+        })
+    return rows
+
+
+def markdown(result: dict) -> str:
+    solve_problem, scan_problem = result["solve_problem"], result["scan_problem"]
+    lines = [
+        "# Cost proxies: what a CPU counts and a GPU's time follows",
+        "",
+        f"Counted on {result['date']} with torch {result['torch']} by `analysis/proxies.py` (`make bench`), with "
+        "a torch dispatch mode (`fixedpoint.profiling.OperationCounter`): exact counts, independent of the "
+        "machine and its load. On a GPU every aten operation is at least one kernel launch (~5 µs of launch "
+        "latency each), every host synchronisation stalls the host until the device is idle, and allocated "
+        "bytes are a lower bound on memory traffic. E = one `(T, B, S)` tensor.",
+        "",
+        f"## Solves: float32, H = {solve_problem['hidden']}, T = {solve_problem['seq_len']}, "
+        f"B = {solve_problem['batch']}, torch.nn's initialisation",
+        "",
+        "Iterations only (`forward_error=\"off\"`), and the host synchronisations of the default solve, "
+        "which adds the forward-error estimate (a sequential pass: its operations grow with T).",
+        "",
+        "| cell | solver | iterations | host syncs | with forward error | aten ops / iteration | allocated E / iteration | forward-error aten ops |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["solves"]:
+        lines.append(
+            f"| {row['cell']} | {row['solver']} | {row['iterations']} | {row['host_syncs']} | "
+            f"{row['host_syncs_with_forward_error']} | {row['operations_per_iteration']:.1f} | "
+            f"{row['allocated_E_per_iteration']:.2f} | {row['forward_error_operations']} |"
+        )
+    lines += [
+        "",
+        f"## One parallel scan (torch path): float32, T = {scan_problem['seq_len']}, B = {scan_problem['batch']}, "
+        f"S = {scan_problem['hidden']}",
+        "",
+        "| structure | aten ops | host syncs | allocated E |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in result["scans"]:
+        lines.append(f"| {row['structure']} | {row['operations']} | {row['host_syncs']} | {row['allocated_E']:.2f} |")
+    lines += [
+        "",
+        "The Hillis–Steele scan this replaced allocated 43.5 E (diagonal) and 208 E (2×2 blocks) on the same "
+        "problem in 78 and 370 operations, and took 13× and 29× the time on a 2-core CPU; its work was "
+        "O(T log T). The Triton scan on CUDA (`fixedpoint.kernels.scan`) allocates only one map per 64 positions "
+        "and reads `A` and `b` twice: 5 E of traffic in 2 launches per level of chunks.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "solve_problem": SOLVE_PROBLEM,
+        "scan_problem": SCAN_PROBLEM,
+        "solves": solve_counts(),
+        "scans": scan_counts(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "proxies.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "proxies.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
