@@ -55,11 +55,20 @@ def linearized_correction(system: SequenceSystem, states: Tensor, *, chunk: int 
 
 
 def correction_and_residual(
-    system: SequenceSystem, states: Tensor, *, chunk: int = CHUNK, tolerances: tuple[float, float] | None = None
+    system: SequenceSystem,
+    states: Tensor,
+    *,
+    chunk: int = CHUNK,
+    tolerances: tuple[float, float] | None = None,
+    exact_prefix: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """``δ (T, B, S)`` as :func:`linearized_correction`, and the residual's size per sample
     ``(B,)``: ``max |r|`` or, with ``tolerances = (rtol, atol)``, the scaled
-    ``max |r| / (atol + rtol·|F(states)|)`` of the driver's termination test."""
+    ``max |r| / (atol + rtol·|F(states)|)`` of the driver's termination test.
+
+    The first ``exact_prefix`` positions are taken as exact (the recurrence's own values, as a
+    solve's exact prefix is): their residual, rounding only, is not propagated, so ``δ`` is 0
+    there and a refinement leaves them as the sequential loop computes them."""
     with torch.no_grad():
         correction = states.new_empty(states.shape, dtype=ESTIMATE_DTYPE)
         residual_size = correction.new_zeros(states.shape[1])
@@ -72,6 +81,7 @@ def correction_and_residual(
                 rtol, atol = tolerances
                 size_here = size_here / (atol + rtol * image.abs()).clamp_(min=torch.finfo(ESTIMATE_DTYPE).tiny)
             residual_size = torch.maximum(residual_size, size_here.amax(dim=(0, 2)))
+            residual[: max(0, exact_prefix - start)] = 0
             factors = piece.factors()
             for t in range(piece.states.shape[0]):
                 delta = piece.cell.jacobian_product(tuple(f[t] for f in factors), delta) + residual[t]

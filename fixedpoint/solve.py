@@ -23,12 +23,19 @@ Exact prefix.  If positions ``< p`` of ``X`` are exact, so is position ``p`` of 
 predecessor is exact.  After every step the driver writes that exact value into the next
 iterate and stops evaluating the prefix.  So every solver terminates after at most ``T``
 iterations (finite termination), and the default ``max_steps`` is ``T``.
+
+Host synchronisation.  Whether to stop (every sample converged, or a NaN/Inf) is decided on the
+device every iteration and read back to the host once every ``check_every`` iterations; until
+it is read, a stop freezes the answer on the device, and iterations after it are discarded
+(``stats.speculative_iterations``).  Between checks the evaluated window keeps its shape and
+the exact prefix is kept by writing its rows, not by slicing them away.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -78,7 +85,8 @@ class Stats:
         residual_history: ``(k, B)`` scaled residual ``ρ_b`` at every iteration.
         max_abs_residual_history: ``(k, B)`` unscaled ``max |F(X) − X|`` at every iteration.
         exact_prefix: how many leading positions are exact by finite termination.
-        positions_evaluated: positions of ``F`` evaluated in all, ``Σ (T − p)``.
+        positions_evaluated: positions of ``F`` evaluated in all, ``Σ (T − p)`` with ``p`` the
+            exact prefix as of the last check (the exact prefix itself when ``check_every = 1``).
         rate: observed convergence rate, the geometric mean of the last (up to 5) ratios
             ``‖R_k‖_∞ / ‖R_{k−1}‖_∞`` of the batch-wide residual; ``None`` with < 2 iterations.
         wall_time: seconds, synchronised on CUDA.
@@ -97,6 +105,11 @@ class Stats:
             a direct solve by default, or a non-finite one).
         refinements: corrections added to the answer because that estimate exceeded the tolerance.
         forward_error_time: seconds spent estimating and refining, counted in ``wall_time``.
+        check_every: iterations between the driver's host synchronisations (``solve``'s
+            ``check_every``); the stop is decided on the device every iteration and read then.
+        speculative_iterations: iterations that ran after the stop and before the check read
+            it (at most ``check_every − 1``); discarded: the answer and every other statistic
+            are those of the stopping iteration.
     """
 
     iterations: int
@@ -118,6 +131,24 @@ class Stats:
     forward_error_estimate: Tensor | None = None
     refinements: int = 0
     forward_error_time: float = 0.0
+    check_every: int = 1
+    speculative_iterations: int = 0
+
+
+#: Iterations between the driver's host synchronisations, per device type, when ``solve`` is
+#: not told (``check_every=None``).  A CPU waits for nothing, so it checks every iteration and
+#: never runs past the stop; on CUDA a check drains the queue of launched kernels, so the driver
+#: checks every few iterations at the price of up to ``k − 1`` speculative ones (unmeasured on
+#: a GPU so far: a first choice for ``make gpu-check`` to measure).
+CHECK_EVERY = {"cpu": 1, "cuda": 4}
+
+
+def resolve_check_every(check_every: int | None, device: torch.device) -> int:
+    """``check_every`` if given (validated), else the device's default (:data:`CHECK_EVERY`)."""
+    if check_every is None:
+        return CHECK_EVERY.get(device.type, 1)
+    check_integer("check_every", check_every)
+    return check_every
 
 
 #: ``"refine"``: estimate the forward error and refine the answer while the estimate exceeds the
@@ -196,6 +227,7 @@ def solve(
     callback: Callback | None = None,
     certify: Norm | None = None,
     forward_error: ForwardError | None = None,
+    check_every: int | None = None,
 ) -> Solution:
     """Solve ``S = F(S)`` with ``solver`` (default :class:`~fixedpoint.solvers.Picard`).
 
@@ -214,6 +246,10 @@ def solve(
             ``None``: ``"refine"`` for an iterative solver, ``"off"`` for a direct one, which
             runs the recurrence itself (ask for ``"estimate"`` to learn how accurate that is).
             Refinement applies only to a solve that met its tolerance.
+        check_every: read the device's verdict (converged, non-finite) back to the host every
+            this many iterations; the verdict is decided on the device every iteration and the
+            answer frozen at the stop, so only speed depends on it.  Default ``None``: per
+            device (:data:`CHECK_EVERY`: 1 on a CPU).  ``certify`` implies 1.
 
     Returns:
         A :class:`Solution` whose ``value`` is the last image ``F(X)`` (also when ``max_steps``
@@ -225,7 +261,7 @@ def solve(
     # Nothing to differentiate: skip autograd's bookkeeping (≈10 % of torch's fused LSTM kernel).
     # float32 means float32 on every path, cuDNN's and the parallel one's (no TF32).
     with contextlib.nullcontext() if _tracks_gradients(system) else torch.no_grad(), true_float32():
-        return _solve(system, solver, initial_guess, max_steps, throw, callback, certify, forward_error)
+        return _solve(system, solver, initial_guess, max_steps, throw, callback, certify, forward_error, check_every)
 
 
 def _tracks_gradients(system: SequenceSystem) -> bool:
@@ -243,6 +279,7 @@ def _solve(
     callback: Callback | None,
     certify: Norm | None,
     forward_error: ForwardError | None,
+    check_every: int | None,
 ) -> Solution:
     solver = Picard() if solver is None else solver
     if not isinstance(solver, Solver):
@@ -279,58 +316,98 @@ def _solve(
     else:
         iterate = initial_guess.clone()
     iterate, state = solver.init(system, iterate)
-    prefix = 0
+    # Certificates bound the step of the stopping iteration, which a deferred check would not keep.
+    every = 1 if report is not None else resolve_check_every(check_every, device)
+    prefix = 0  # exact prefix p: one more position after every step (finite termination)
+    start = 0  # first evaluated position: p as of the last check (rows start … p − 1 are exact)
+    # The first stop, decided on the device: iteration·4 + kind (1 converged, 2 non-finite); 0: none.
+    stop_code = torch.zeros((), dtype=torch.long, device=device)
+    first_nonfinite: list[Tensor] = []  # per iteration, the first position with a NaN/Inf
+    evaluated: list[int] = []
     last_difference = None
     scaled_history: list[Tensor] = []
     abs_history: list[Tensor] = []
-    positions_evaluated = 0
     result = Result.max_steps_reached
     nonfinite_at = None
+    stopped_at = 0
     iteration = 0
-    while iteration < max_steps:
+    while True:
         iteration += 1
-        image = system.apply(iterate, start=prefix)  # (T − p, B, S)
-        positions_evaluated += steps - prefix
+        image = system.apply(iterate, start=start)  # (T − start, B, S)
+        evaluated.append(steps - start)
+        exact = prefix - start  # leading rows of the window known to be exact
+        image[:exact] = iterate[start:prefix]  # equal but for rounding: keep the exact ones
         if callback is not None:
-            callback(iteration, iterate, image)
-        finite = torch.isfinite(image).flatten(1).all(1)  # (T − p,)
-        if not bool(finite.all()):
-            nonfinite_at = (iteration, prefix + int((~finite).nonzero()[0]))
-            result = Result.nonfinite
-            scaled_history.append(iterate.new_full((batch,), float("inf")))
-            abs_history.append(iterate.new_full((batch,), float("inf")))
-            break
+            callback(iteration, iterate, image[exact:])
+        rows_finite = torch.isfinite(image).flatten(1).all(1)  # (T − start,)
+        finite = rows_finite.all()
+        first_nonfinite.append(start + torch.argmin(rows_finite.int()))
         # In place, two temporaries: large CPU allocations cost page faults on every iteration.
-        difference = torch.sub(image, iterate[prefix:]).abs_()
-        last_difference = difference
+        difference = torch.sub(image, iterate[start:]).abs_()
+        last_difference = difference[exact:]
         tolerance = image.abs().mul_(rtol).add_(atol)
         # With atol = 0 a tolerance can be 0: the floor makes 0/0 read 0 and x/0 read huge.
         scaled = torch.div(difference, tolerance.clamp_(min=torch.finfo(image.dtype).tiny), out=tolerance)
         scaled = scaled.amax(dim=(0, 2))  # (B,)
         scaled_history.append(scaled)
         abs_history.append(difference.amax(dim=(0, 2)))
-        if bool((scaled < 1).all()):
-            iterate[prefix:] = image
-            result = Result.successful
-            break
+        kind = (~finite).long() * 2 + (finite & (scaled < 1).all()).long()
+        stop_code = torch.where(stop_code > 0, stop_code, (iteration * 4 + kind) * (kind > 0))
+        last = iteration == max_steps or prefix + 1 == steps
+        if every == 1 or iteration % every == 0 or last:
+            stopped_at, stop_kind = divmod(int(stop_code), 4)  # the check's one host synchronisation
+            if stopped_at:
+                if stop_kind == 2:
+                    result = Result.nonfinite
+                    nonfinite_at = (stopped_at, int(first_nonfinite[stopped_at - 1]))
+                else:
+                    result = Result.successful
+                    if stopped_at == iteration:
+                        iterate[prefix:] = image[exact:]
+                break
+            checked = True
+        else:
+            checked = False
         if iteration == max_steps:  # return F(X), one Picard step beyond X, which the stats describe
-            iterate[prefix:] = image
+            iterate[prefix:] = image[exact:]
             prefix += 1
             if prefix == steps:  # every position exact after all
                 result = Result.successful
             break
-        predecessor = system.initial_state if prefix == 0 else iterate[prefix - 1]
-        next_window, state = solver.step(iterate[prefix:], image, state, predecessor)
-        iterate[prefix:] = next_window
-        iterate[prefix] = image[0]  # exact: its predecessor was exact
+        predecessor = system.initial_state if start == 0 else iterate[start - 1]
+        active = None if checked else stop_code == 0
+        next_window, state = solver.step(iterate[start:], image, state, predecessor, active)
+        next_window[:exact] = iterate[start:prefix]
+        next_window[exact] = image[exact]  # exact: its predecessor was exact
+        if checked:
+            iterate[start:] = next_window
+        else:
+            # An unread stop freezes the answer: F(X) where it converged, X where F(X) was not finite.
+            converged_now = stop_code == iteration * 4 + 1
+            next_window = torch.where(converged_now, image, next_window)
+            iterate[start:] = torch.where((stop_code > 0) & ~converged_now, iterate[start:], next_window)
         prefix += 1
+        if checked:
+            start = prefix
         if prefix == steps:  # every position exact
             result = Result.successful
             break
+    if stopped_at:
+        # Iterations after the stop ran before the check read it: the statistics end at the stop.
+        speculative = iteration - stopped_at
+        iteration, prefix = stopped_at, stopped_at - 1
+        scaled_history, abs_history, evaluated = scaled_history[:iteration], abs_history[:iteration], evaluated[:iteration]
+        if result is Result.nonfinite:
+            scaled_history[-1] = abs_history[-1] = iterate.new_full((batch,), float("inf"))
+        if speculative:
+            last_difference = None
+    else:
+        speculative = 0
+    positions_evaluated = sum(evaluated)
     forward = None
     if (forward_error or "refine") != "off" and result is not Result.nonfinite:
         refine = forward_error != "estimate" and result is Result.successful and prefix < steps
-        forward = _estimate_forward_error(system, iterate, refine, rtol, atol)
+        forward = _estimate_forward_error(system, iterate, refine, rtol, atol, prefix)
     _synchronize(iterate.device)
     wall_time = time.perf_counter() - started
 
@@ -358,6 +435,8 @@ def _solve(
         atol=atol,
         solver={"method": solver.name, **solver.statistics(state)},
         nonfinite_at=nonfinite_at,
+        check_every=every,
+        speculative_iterations=speculative,
     )
     if forward is not None:
         _attach_forward_error(stats, forward)
@@ -388,13 +467,15 @@ class _ForwardError:
 
 
 def _estimate_forward_error(
-    system: SequenceSystem, states: Tensor, refine: bool, rtol: float, atol: float
+    system: SequenceSystem, states: Tensor, refine: bool, rtol: float, atol: float, exact_prefix: int = 0
 ) -> _ForwardError:
     """Estimate the forward error of ``states (T, B, S)`` and, with ``refine``, add corrections
     in place while the estimate exceeds the tolerance and each correction shrinks the next; a
-    correction that does not (rounding dominates, or the linearisation no longer holds) is undone."""
+    correction that does not (rounding dominates, or the linearisation no longer holds) is undone.
+    The first ``exact_prefix`` positions are exact by finite termination and stay as they are."""
     started = time.perf_counter()
-    correction, _ = correction_and_residual(system, states, tolerances=(rtol, atol))
+    correct = functools.partial(correction_and_residual, system, tolerances=(rtol, atol), exact_prefix=exact_prefix)
+    correction, _ = correct(states)
     size = float(correction.abs().max())
     residual = None
     refinements = 0
@@ -403,7 +484,7 @@ def _estimate_forward_error(
             break
         saved = states.clone()
         states += correction.to(states.dtype)
-        new_correction, new_residual = correction_and_residual(system, states, tolerances=(rtol, atol))
+        new_correction, new_residual = correct(states)
         new_size = float(new_correction.abs().max())
         if not new_size < size:
             states.copy_(saved)

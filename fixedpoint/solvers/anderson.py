@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fixedpoint.solvers.base import Solver, check_integer, check_number
+from fixedpoint.solvers.base import Solver, check_integer, check_number, counted
 
 
 @dataclass
@@ -66,7 +66,12 @@ class Anderson(Solver):
         return initial_guess, AndersonState(plain_steps=zeros, accelerated_steps=zeros.clone())
 
     def step(
-        self, iterate: Tensor, image: Tensor, state: AndersonState, predecessor: Tensor | None = None
+        self,
+        iterate: Tensor,
+        image: Tensor,
+        state: AndersonState,
+        predecessor: Tensor | None = None,
+        active: Tensor | None = None,
     ) -> tuple[Tensor, AndersonState]:
         window = iterate.shape[0]
         residual = image - iterate
@@ -77,7 +82,7 @@ class Anderson(Solver):
         if len(images) == 1:
             next_iterate = plain
         else:
-            next_iterate = self._accelerated(iterate, residual, plain, images, residuals, state)
+            next_iterate = self._accelerated(iterate, residual, plain, images, residuals, state, active)
         state.images = images[-self.memory :]
         state.residuals = residuals[-self.memory :]
         return next_iterate, state
@@ -90,6 +95,7 @@ class Anderson(Solver):
         images: list[Tensor],
         residuals: list[Tensor],
         state: AndersonState,
+        active: Tensor | None,
     ) -> Tensor:
         batch = iterate.shape[1]
         delta_r = torch.stack([b - a for a, b in zip(residuals[:-1], residuals[1:])])  # (m, n, B, S)
@@ -120,8 +126,8 @@ class Anderson(Solver):
         # ΔX + β ΔR = ΔG − (1 − β) ΔR
         correction_basis = delta_g if self.mixing == 1 else delta_g - (1 - self.mixing) * delta_r
         correction = torch.einsum("mnbs,bm->nbs", correction_basis, gamma)
-        state.plain_steps += (~accept).long()
-        state.accelerated_steps += accept.long()
+        state.plain_steps += counted(~accept, active)
+        state.accelerated_steps += counted(accept, active)
         return plain - correction
 
     def statistics(self, state: AndersonState) -> dict[str, Any]:

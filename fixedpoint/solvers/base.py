@@ -55,6 +55,11 @@ def check_integer(name: str, value: object, low: int = 1, *, allow_none: bool = 
         raise InputError(f"{name} must be an integer ≥ {low}{' or None' if allow_none else ''}, got {value!r}")
 
 
+def counted(events: Tensor, active: Tensor | None) -> Tensor:
+    """``events (B,)`` bool as counts to add to a per-sample counter: none after the stop."""
+    return events.long() if active is None else (events & active).long()
+
+
 @dataclass
 class DirectSolution:
     """What a direct (non-iterative) solver returns.
@@ -111,14 +116,21 @@ class Solver(ABC):
         return initial_guess, None
 
     def step(
-        self, iterate: Tensor, image: Tensor, state: Any, predecessor: Tensor | None = None
+        self,
+        iterate: Tensor,
+        image: Tensor,
+        state: Any,
+        predecessor: Tensor | None = None,
+        active: Tensor | None = None,
     ) -> tuple[Tensor, Any]:
         """Next iterate from ``X`` and ``G = F(X)`` on the active window ``(n, B, S)``.
 
-        The window is the positions not yet known to be exact; it shrinks by one position at
-        the front each iteration.  ``predecessor (B, S)`` is the exact state just before the
-        window (``s_0``, or the last exact position).  Returns the next iterate on the same
-        window and the state.
+        The window is the positions not yet known to be exact; it shrinks at the front as the
+        exact prefix grows.  ``predecessor (B, S)`` is the exact state just before the window
+        (``s_0``, or the last exact position).  ``active`` is ``None`` or a 0-dim bool tensor,
+        ``False`` when the driver has already stopped (on the device, not yet read back): the
+        step's result is then discarded, and counters must not count it (:func:`counted`).
+        Returns the next iterate on the same window and the state.
         """
 
     def statistics(self, state: Any) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from fixedpoint.errors import InputError
 from fixedpoint.scan import Structure, apply_transitions, linear_recurrence, regularized_recurrence
-from fixedpoint.solvers.base import Solver, check_integer, check_number
+from fixedpoint.solvers.base import Solver, check_integer, check_number, counted
 from fixedpoint.system import SequenceSystem
 
 JacobianStructure = Literal["full", "diagonal"]
@@ -173,17 +173,22 @@ class Newton(Solver):
         return initial_guess, state
 
     def step(
-        self, iterate: Tensor, image: Tensor, state: NewtonState, predecessor: Tensor | None = None
+        self,
+        iterate: Tensor,
+        image: Tensor,
+        state: NewtonState,
+        predecessor: Tensor | None = None,
+        active: Tensor | None = None,
     ) -> tuple[Tensor, NewtonState]:
         system = state.system
         if predecessor is None:
             predecessor = system.initial_state
         residual = image - iterate
         if self.damping == "levenberg-marquardt":
-            return self._levenberg_marquardt_step(system, iterate, image, residual, predecessor, state)
+            return self._levenberg_marquardt_step(system, iterate, image, residual, predecessor, state, active)
         newton = self.newton_iterate(system, iterate, image, predecessor, state.chunk)
         if self.damping == "backtracking":
-            newton, accepted = self._backtrack(system, iterate, image, newton, residual, predecessor, state)
+            newton, accepted = self._backtrack(system, iterate, image, newton, residual, predecessor, state, active)
         else:
             accepted = torch.isfinite(newton).flatten(2).all(2).all(0)  # (B,)
             size = residual.abs().amax(dim=(0, 2))  # (B,)
@@ -191,8 +196,8 @@ class Newton(Solver):
                 accepted &= size <= self.max_residual_growth * state.last_residual
             state.last_residual = size
             newton = torch.where(accepted[None, :, None], newton, image)
-        state.newton_steps += accepted.long()
-        state.safe_steps += (~accepted).long()
+        state.newton_steps += counted(accepted, active)
+        state.safe_steps += counted(~accepted, active)
         return newton, state
 
     def newton_iterate(
@@ -234,6 +239,7 @@ class Newton(Solver):
         residual: Tensor,
         predecessor: Tensor,
         state: NewtonState,
+        active: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         """Per-sample Armijo backtracking: the next iterate and the ``(B,)`` mask of samples that
         found a step (the others take the Picard step)."""
@@ -251,7 +257,7 @@ class Newton(Solver):
             decreased = trial_merit <= (1 - 2 * ARMIJO * alpha) * merit
             ok = pending & torch.isfinite(trial_merit) & (decreased | within)
             newton = torch.where(ok[None, :, None], trial, newton)
-            state.backtracks += ok.long() * halvings
+            state.backtracks += counted(ok, active) * halvings
             pending &= ~ok
             if not bool(pending.any()):
                 break
@@ -260,7 +266,7 @@ class Newton(Solver):
 
     def _levenberg_marquardt_step(
         self, system: SequenceSystem, iterate: Tensor, image: Tensor, residual: Tensor, predecessor: Tensor,
-        state: NewtonState,
+        state: NewtonState, active: Tensor | None,
     ) -> tuple[Tensor, NewtonState]:
         """Per sample, the regularised step that lowers the merit (module docstring); a sample
         for which none does within ``max_backtracks`` increases of ``λ`` keeps ``X``."""
@@ -284,15 +290,17 @@ class Newton(Solver):
             chosen = torch.where(ok[None, :, None], trial, chosen)
             ratio = (merit - trial_merit) / predicted.clamp(min=torch.finfo(merit.dtype).tiny)
             updated = torch.where(ratio > 0.75, regularization / 3, torch.where(ratio < 0.25, 2 * regularization, regularization))
-            state.regularization = torch.where(ok, torch.where(updated < 1e-8, 0.0, updated), state.regularization)
-            state.backtracks += ok.long() * attempt
+            taken = ok if active is None else ok & active  # no update after the driver's stop
+            state.regularization = torch.where(taken, torch.where(updated < 1e-8, 0.0, updated), state.regularization)
+            state.backtracks += counted(ok, active) * attempt
             pending &= ~ok
             if not bool(pending.any()):
                 break
             regularization = torch.where(pending, (4 * regularization).clamp(min=self.regularization), regularization)
-        state.regularization = torch.where(pending, regularization, state.regularization)
-        state.newton_steps += (~pending).long()
-        state.kept += pending.long()
+        refused = pending if active is None else pending & active
+        state.regularization = torch.where(refused, regularization, state.regularization)
+        state.newton_steps += counted(~pending, active)
+        state.kept += counted(pending, active)
         return chosen, state
 
     def statistics(self, state: NewtonState) -> dict[str, Any]:

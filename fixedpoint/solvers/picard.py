@@ -30,7 +30,12 @@ class Picard(Solver):
         check_number("damping", self.damping, 0, 1, high_open=True, hint="; 0 is the plain Jacobi sweep")
 
     def step(
-        self, iterate: Tensor, image: Tensor, state: Any, predecessor: Tensor | None = None
+        self,
+        iterate: Tensor,
+        image: Tensor,
+        state: Any,
+        predecessor: Tensor | None = None,
+        active: Tensor | None = None,
     ) -> tuple[Tensor, Any]:
         if self.damping == 0:
             return image, state
