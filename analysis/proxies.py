@@ -24,6 +24,7 @@ from fixedpoint import Network, Picard, QuasiNewton, SequenceSystem, solve  # no
 from fixedpoint.data import gaussian_inputs  # noqa: E402
 from fixedpoint.profiling import OperationCounter  # noqa: E402
 from fixedpoint.scan import linear_recurrence_torch  # noqa: E402
+from fixedpoint.solve import CHECK_EVERY  # noqa: E402
 
 #: The solve problem of the issue that asked for these counts: H = 16, T = 1024, B = 4, float32.
 SOLVE_PROBLEM = {"hidden": 16, "seq_len": 1024, "batch": 4}
@@ -39,18 +40,23 @@ def solve_counts() -> list[dict]:
         system = SequenceSystem.build(network.cells[0][0], gaussian_inputs(seq_len, batch, hidden, seed=1, dtype=torch.float32))
         element = seq_len * batch * system.cell.state_size * 4  # bytes of one (T, B, S) tensor
         for solver in (Picard(), QuasiNewton()):
-            with OperationCounter() as iterations_only:
-                solution = solve(system, solver, forward_error="off")
+            counts = {}
+            for every in (1, CHECK_EVERY["cuda"]):
+                with OperationCounter() as counter:
+                    solution = solve(system, solver, forward_error="off", check_every=every)
+                counts[every] = (counter, solution.stats.iterations + solution.stats.speculative_iterations)
             with OperationCounter() as default:
-                solve(system, solver)
-            count = solution.stats.iterations
+                solve(system, solver, check_every=CHECK_EVERY["cuda"])
+            gpu, ran = counts[CHECK_EVERY["cuda"]]
             rows.append({
-                "cell": kind, "solver": solver.name, "iterations": count,
-                "host_syncs": iterations_only.host_syncs,
+                "cell": kind, "solver": solver.name, "iterations": solution.stats.iterations,
+                "speculative_iterations": solution.stats.speculative_iterations,
+                "host_syncs_every_iteration": counts[1][0].host_syncs,
+                "host_syncs": gpu.host_syncs,
                 "host_syncs_with_forward_error": default.host_syncs,
-                "operations_per_iteration": iterations_only.total_operations / count,
-                "allocated_E_per_iteration": iterations_only.allocated_bytes / element / count,
-                "forward_error_operations": default.total_operations - iterations_only.total_operations,
+                "operations_per_iteration": gpu.total_operations / ran,
+                "allocated_E_per_iteration": gpu.allocated_bytes / element / ran,
+                "forward_error_operations": default.total_operations - gpu.total_operations,
             })
     return rows
 
@@ -85,15 +91,19 @@ def markdown(result: dict) -> str:
         f"## Solves: float32, H = {solve_problem['hidden']}, T = {solve_problem['seq_len']}, "
         f"B = {solve_problem['batch']}, torch.nn's initialisation",
         "",
-        "Iterations only (`forward_error=\"off\"`), and the host synchronisations of the default solve, "
-        "which adds the forward-error estimate (a sequential pass: its operations grow with T).",
+        f"With the driver's CUDA setting `check_every = {result['check_every']}` (the stop is read back every "
+        f"{result['check_every']} iterations; a CPU's default reads it every iteration, the column beside), "
+        "iterations only (`forward_error=\"off\"`), and the default solve's host syncs, which adds the "
+        "forward-error estimate (a sequential pass: its operations grow with T). Per iteration: over every "
+        "iteration that ran, the speculative ones after the stop included.",
         "",
-        "| cell | solver | iterations | host syncs | with forward error | aten ops / iteration | allocated E / iteration | forward-error aten ops |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| cell | solver | iterations | speculative | host syncs | host syncs, check every iteration | with forward error | aten ops / iteration | allocated E / iteration | forward-error aten ops |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["solves"]:
         lines.append(
-            f"| {row['cell']} | {row['solver']} | {row['iterations']} | {row['host_syncs']} | "
+            f"| {row['cell']} | {row['solver']} | {row['iterations']} | {row['speculative_iterations']} | "
+            f"{row['host_syncs']} | {row['host_syncs_every_iteration']} | "
             f"{row['host_syncs_with_forward_error']} | {row['operations_per_iteration']:.1f} | "
             f"{row['allocated_E_per_iteration']:.2f} | {row['forward_error_operations']} |"
         )
@@ -128,6 +138,7 @@ def main() -> None:
         "torch": torch.__version__,
         "solve_problem": SOLVE_PROBLEM,
         "scan_problem": SCAN_PROBLEM,
+        "check_every": CHECK_EVERY["cuda"],
         "solves": solve_counts(),
         "scans": scan_counts(),
     }

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from fixedpoint.errors import InputError
-from fixedpoint.scan import linear_recurrence
+from fixedpoint.kernels import use_kernels
+from fixedpoint.scan import apply_transitions, linear_recurrence
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -167,6 +168,28 @@ class Cell(ABC):
         corresponding entries of :meth:`jacobian` without forming the ``S×S`` matrices.
         """
 
+    def quasi_newton_terms(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Everything a quasi-Newton step needs at ``s_{t−1} = state``, from one product with
+        ``W_hh``: ``(F, A, b)`` with ``F = f(s, x)`` ``(..., S)``, ``A`` = :meth:`unit_jacobian`
+        and ``b = F − A s`` ``(..., S)``, the right-hand side of the step's linear recurrence
+        ``y_t = A_t y_{t−1} + b_t``.  On CUDA with Triton, one fused kernel computes them after
+        the product (:mod:`fixedpoint.kernels.cells`); this is its reference."""
+        if use_kernels(state, projected_input, self.weight_hh, self.bias_hh):
+            from fixedpoint.kernels.cells import quasi_newton_terms  # imports Triton
+
+            return quasi_newton_terms(self, state, projected_input)
+        return self.quasi_newton_terms_torch(state, projected_input)
+
+    def quasi_newton_terms_torch(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`quasi_newton_terms` in torch operations on any device: the reference."""
+        image, transitions = self._image_and_unit_jacobian(state, projected_input)
+        structure = "block2" if transitions.dim() == state.dim() + 2 else "diagonal"
+        return image, transitions, image - apply_transitions(transitions, state, structure)
+
+    def _image_and_unit_jacobian(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`step` and :meth:`unit_jacobian` together; cells override it to share the product."""
+        return self.step(state, projected_input), self.unit_jacobian(state, projected_input)
+
     @abstractmethod
     def linearization(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, ...]:
         """Per-position factors of ``∂f/∂s`` at ``(s, x)``, each ``(..., k·H)``, from which
@@ -276,6 +299,16 @@ class ElmanCell(Cell):
     def linearization(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, ...]:
         return (self._slope(state, projected_input),)
 
+    def _image_and_unit_jacobian(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self.preactivation(state, projected_input)
+        if self.nonlinearity == "tanh":
+            image = torch.tanh(pre)
+            slope = 1 - image**2
+        else:
+            image = torch.relu(pre)
+            slope = (pre > 0).to(pre.dtype)
+        return image, slope * self.weight_hh.diagonal()
+
     def transposed_jacobian_product(self, factors: tuple[Tensor, ...], vector: Tensor) -> Tensor:
         (slope,) = factors  # J = diag(φ') W_hh, so Jᵀv = W_hhᵀ (φ' ⊙ v)
         return (slope * vector) @ self.weight_hh
@@ -330,6 +363,14 @@ class GRUCell(Cell):
         z, terms = self._terms(state, projected_input)
         return z, torch.cat(terms, dim=-1)
 
+    def _image_and_unit_jacobian(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor]:
+        r, z, q, n = self.gates(state, projected_input)
+        _, terms = self._terms_of_gates(state, r, z, q, n)
+        jacobian = z.clone()
+        for v, w in zip(terms, self.gate_weights()):
+            jacobian.addcmul_(v, w.diagonal())
+        return n + z * (state - n), jacobian
+
     def transposed_jacobian_product(self, factors: tuple[Tensor, ...], vector: Tensor) -> Tensor:
         # Jᵀv = z ⊙ v + Σ_k W_kᵀ (u_k ⊙ v) = z ⊙ v + W_hhᵀ [u_r ⊙ v; u_z ⊙ v; u_n ⊙ v]
         z, scalings = factors
@@ -345,7 +386,12 @@ class GRUCell(Cell):
     def _terms(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         """``z`` and the row scalings of ``(W_hr, W_hz, W_hn)`` in
         ``J = diag(z) + diag((1−z)(1−n²) q r(1−r)) W_hr + diag((h−n) z(1−z)) W_hz + diag((1−z)(1−n²)r) W_hn``."""
-        r, z, q, n = self.gates(state, projected_input)
+        return self._terms_of_gates(state, *self.gates(state, projected_input))
+
+    @staticmethod
+    def _terms_of_gates(
+        state: Tensor, r: Tensor, z: Tensor, q: Tensor, n: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         through_n = (1 - z) * (1 - n**2)
         return z, (through_n * q * r * (1 - r), (state - n) * z * (1 - z), through_n * r)
 
@@ -448,12 +494,30 @@ class LSTMCell(Cell):
         """``(u_i, u_f, u_g, u_o, o(1−tanh²c'), f)``: the row scalings of the gate blocks of
         ``W_hh`` in ``∂c'/∂h = Σ_{k∈i,f,g} diag(u_k) W_hk`` and ``∂h'/∂h``'s ``diag(u_o) W_ho``,
         the factor through which ``c'`` reaches ``h'``, and the forget gate."""
-        hidden = self.hidden_size
-        h, c = state[..., :hidden], state[..., hidden:]
-        i, f, g, o = self.preactivation(h, projected_input).chunk(4, dim=-1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        tanh_c = torch.tanh(f * c + i * g)
+        c = state[..., self.hidden_size :]
+        i, f, g, o = self._activated_gates(state, projected_input)
+        return self._factors_of_gates(c, i, f, g, o, torch.tanh(f * c + i * g))
+
+    def _activated_gates(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(σ(i), σ(f), tanh(g), σ(o))`` at ``(s, x)``, from one product with ``W_hh``."""
+        i, f, g, o = self.preactivation(state[..., : self.hidden_size], projected_input).chunk(4, dim=-1)
+        return torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+
+    @staticmethod
+    def _factors_of_gates(c: Tensor, i: Tensor, f: Tensor, g: Tensor, o: Tensor, tanh_c: Tensor) -> tuple[Tensor, ...]:
         return g * i * (1 - i), c * f * (1 - f), i * (1 - g**2), tanh_c * o * (1 - o), o * (1 - tanh_c**2), f
+
+    def _image_and_unit_jacobian(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor]:
+        c = state[..., self.hidden_size :]
+        i, f, g, o = self._activated_gates(state, projected_input)
+        c_next = torch.addcmul(f * c, i, g)
+        tanh_c = torch.tanh(c_next)
+        u_i, u_f, u_g, u_o, through_c, f = self._factors_of_gates(c, i, f, g, o, tanh_c)
+        w_i, w_f, w_g, w_o = (w.diagonal() for w in self.gate_weights())
+        dc_dh = torch.addcmul(torch.mul(u_f, w_f).addcmul_(u_i, w_i), u_g, w_g)
+        dh_dh = torch.addcmul(u_o * w_o, through_c, dc_dh)
+        blocks = torch.stack((torch.stack((dh_dh, through_c * f), -1), torch.stack((dc_dh, f), -1)), -2)
+        return torch.cat((o * tanh_c, c_next), dim=-1), blocks
 
     def _blocks(
         self, state: Tensor, projected_input: Tensor, weights: tuple[Tensor, ...], scale: Callable[[Tensor, Tensor], Tensor]

@@ -123,7 +123,7 @@ def linear_recurrence(
     ``FIXEDPOINT_KERNELS=torch``); elsewhere to :func:`linear_recurrence_torch`, its reference.
     """
     structure = _check(transitions, values, initial)
-    if structure != "dense" and use_kernels(values) and not _recording(transitions, values, initial):
+    if structure != "dense" and use_kernels(values, transitions, initial):
         from fixedpoint.kernels.scan import linear_recurrence as fused  # imports Triton
 
         return fused(transitions, values, initial, reverse=reverse)
@@ -157,7 +157,10 @@ def _scan(transitions: Tensor, values: Tensor, initial: Tensor, structure: Struc
     if _recording(transitions, values, initial):
         return _odd_even_differentiable(transitions, values, first, structure)
     out = torch.empty_like(values)
-    _odd_even(transitions, values, first, out, structure)
+    # One workspace for every level's paired transitions and values (their lengths halve: they
+    # fit in T positions), instead of two allocations per level.
+    workspace = (torch.empty_like(transitions), torch.empty_like(values))
+    _odd_even(transitions, values, first, out, structure, workspace)
     return out
 
 
@@ -179,16 +182,19 @@ def _recording(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _affine(transitions: Tensor, vectors: Tensor, values: Tensor, structure: Structure) -> Tensor:
-    """``A y + b`` into one new tensor, without temporaries where the structure allows."""
+def _affine(
+    transitions: Tensor, vectors: Tensor, values: Tensor, structure: Structure, out: Tensor | None = None
+) -> Tensor:
+    """``A y + b`` into one new tensor (or into ``out``), without temporaries where the structure allows."""
     if _recording(transitions, vectors, values):
         return apply_transitions(transitions, vectors, structure) + values
     if structure == "diagonal":
-        return torch.addcmul(values, transitions, vectors)
+        return torch.addcmul(values, transitions, vectors, out=out)
     if structure == "dense":
-        return (transitions @ vectors.unsqueeze(-1)).squeeze(-1).add_(values)
+        result = (transitions @ vectors.unsqueeze(-1)).squeeze(-1).add_(values)
+        return result if out is None else out.copy_(result)
     half = vectors.shape[-1] // 2
-    out = torch.empty_like(values)
+    out = torch.empty_like(values) if out is None else out
     for row, rows in enumerate((slice(0, half), slice(half, None))):
         part = out[..., rows]
         torch.addcmul(values[..., rows], transitions[..., row, 0], vectors[..., :half], out=part)
@@ -196,7 +202,10 @@ def _affine(transitions: Tensor, vectors: Tensor, values: Tensor, structure: Str
     return out
 
 
-def _odd_even(transitions: Tensor, values: Tensor, first: Tensor, out: Tensor, structure: Structure) -> None:
+def _odd_even(
+    transitions: Tensor, values: Tensor, first: Tensor, out: Tensor, structure: Structure,
+    workspace: tuple[Tensor, Tensor],
+) -> None:
     """Write ``y_t = A_t y_{t−1} + b_t`` (``y_0 = first``; ``A_0``, ``b_0`` unused) into ``out``.
 
     Work-efficient (odd–even reduction, the recursive form of Blelloch's up- and down-sweep):
@@ -205,26 +214,28 @@ def _odd_even(transitions: Tensor, values: Tensor, first: Tensor, out: Tensor, s
     into the odd slots of ``out`` (a strided view, no copy); the even positions then follow in
     one batched step, ``y_{2i} = A_{2i} y_{2i−1} + b_{2i}``.  ``O(T)`` work in ``⌈log₂ T⌉``
     levels whose new tensors halve in size: the pairs' storage totals about one ``A`` and one ``b``.
+    ``first`` may already be ``out[0]`` (each level writes the next level's first value there).
     """
     steps = values.shape[0]
-    out[0] = first
+    if first.data_ptr() != out[0].data_ptr():
+        out[0] = first
     if steps == 1:
         return
     pairs = steps // 2
     later = transitions[1 : 2 * pairs : 2]
-    paired_values = _affine(later, values[0 : 2 * pairs : 2], values[1 : 2 * pairs : 2], structure)
-    paired_first = _affine(transitions[1], first, values[1], structure)
+    paired_transitions, paired_values = (w[:pairs] for w in workspace)
+    rest = tuple(w[pairs:] for w in workspace)
+    _affine(later, values[0 : 2 * pairs : 2], values[1 : 2 * pairs : 2], structure, out=paired_values)
+    odd = out[1 : 2 * pairs : 2]
+    paired_first = _affine(transitions[1], first, values[1], structure, out=odd[0])
     # Position 0 of the shorter recurrence is never read (its predecessor is folded into
     # paired_first), so its transition is left unset.
-    paired_transitions = torch.empty_like(later)
     if pairs > 1:
         _compose(later[1:], transitions[2 : 2 * pairs : 2], structure, out=paired_transitions[1:])
-    odd = out[1 : 2 * pairs : 2]
-    _odd_even(paired_transitions, paired_values, paired_first, odd, structure)
-    del paired_transitions, paired_values
+    _odd_even(paired_transitions, paired_values, paired_first, odd, structure, rest)
     count = (steps - 1) // 2  # even positions 2, 4, …, each after odd position 2i − 1
     if count:
-        out[2::2] = _affine(transitions[2::2], odd[:count], values[2::2], structure)
+        _affine(transitions[2::2], odd[:count], values[2::2], structure, out=out[2::2])
 
 
 def _odd_even_differentiable(transitions: Tensor, values: Tensor, first: Tensor, structure: Structure) -> Tensor:

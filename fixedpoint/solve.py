@@ -143,6 +143,10 @@ class Stats:
 CHECK_EVERY = {"cpu": 1, "cuda": 4}
 
 
+#: The driver's device-side stop code while no stop has happened (larger than any real code).
+NO_STOP = 2**62
+
+
 def resolve_check_every(check_every: int | None, device: torch.device) -> int:
     """``check_every`` if given (validated), else the device's default (:data:`CHECK_EVERY`)."""
     if check_every is None:
@@ -320,9 +324,10 @@ def _solve(
     every = 1 if report is not None else resolve_check_every(check_every, device)
     prefix = 0  # exact prefix p: one more position after every step (finite termination)
     start = 0  # first evaluated position: p as of the last check (rows start … p − 1 are exact)
-    # The first stop, decided on the device: iteration·4 + kind (1 converged, 2 non-finite); 0: none.
-    stop_code = torch.zeros((), dtype=torch.long, device=device)
-    first_nonfinite: list[Tensor] = []  # per iteration, the first position with a NaN/Inf
+    # The first stop, decided on the device: iteration·4 + kind (1 converged, 2 non-finite);
+    # NO_STOP while none.  A minimum keeps the first.
+    stop_code = torch.full((), NO_STOP, dtype=torch.long, device=device)
+    finite_rows: list[tuple[int, Tensor]] = []  # per iteration: (start, which rows are finite)
     evaluated: list[int] = []
     last_difference = None
     scaled_history: list[Tensor] = []
@@ -333,7 +338,7 @@ def _solve(
     iteration = 0
     while True:
         iteration += 1
-        image = system.apply(iterate, start=start)  # (T − start, B, S)
+        image = solver.evaluate(system, iterate, start, state)  # (T − start, B, S)
         evaluated.append(steps - start)
         exact = prefix - start  # leading rows of the window known to be exact
         image[:exact] = iterate[start:prefix]  # equal but for rounding: keep the exact ones
@@ -341,7 +346,7 @@ def _solve(
             callback(iteration, iterate, image[exact:])
         rows_finite = torch.isfinite(image).flatten(1).all(1)  # (T − start,)
         finite = rows_finite.all()
-        first_nonfinite.append(start + torch.argmin(rows_finite.int()))
+        finite_rows.append((start, rows_finite))
         # In place, two temporaries: large CPU allocations cost page faults on every iteration.
         difference = torch.sub(image, iterate[start:]).abs_()
         last_difference = difference[exact:]
@@ -351,15 +356,17 @@ def _solve(
         scaled = scaled.amax(dim=(0, 2))  # (B,)
         scaled_history.append(scaled)
         abs_history.append(difference.amax(dim=(0, 2)))
-        kind = (~finite).long() * 2 + (finite & (scaled < 1).all()).long()
-        stop_code = torch.where(stop_code > 0, stop_code, (iteration * 4 + kind) * (kind > 0))
+        kind = torch.where(finite, (scaled < 1).all().long(), 2)  # 0 go on, 1 converged, 2 non-finite
+        stop_code = torch.minimum(stop_code, torch.where(kind > 0, iteration * 4 + kind, NO_STOP))
         last = iteration == max_steps or prefix + 1 == steps
         if every == 1 or iteration % every == 0 or last:
-            stopped_at, stop_kind = divmod(int(stop_code), 4)  # the check's one host synchronisation
+            code = int(stop_code)  # the check's one host synchronisation
+            stopped_at, stop_kind = divmod(code, 4) if code != NO_STOP else (0, 0)
             if stopped_at:
                 if stop_kind == 2:
                     result = Result.nonfinite
-                    nonfinite_at = (stopped_at, int(first_nonfinite[stopped_at - 1]))
+                    row_start, rows = finite_rows[stopped_at - 1]
+                    nonfinite_at = (stopped_at, row_start + int(torch.argmin(rows.int())))
                 else:
                     result = Result.successful
                     if stopped_at == iteration:
@@ -375,7 +382,7 @@ def _solve(
                 result = Result.successful
             break
         predecessor = system.initial_state if start == 0 else iterate[start - 1]
-        active = None if checked else stop_code == 0
+        active = None if checked else stop_code == NO_STOP
         next_window, state = solver.step(iterate[start:], image, state, predecessor, active)
         next_window[:exact] = iterate[start:prefix]
         next_window[exact] = image[exact]  # exact: its predecessor was exact
@@ -383,9 +390,11 @@ def _solve(
             iterate[start:] = next_window
         else:
             # An unread stop freezes the answer: F(X) where it converged, X where F(X) was not finite.
-            converged_now = stop_code == iteration * 4 + 1
-            next_window = torch.where(converged_now, image, next_window)
-            iterate[start:] = torch.where((stop_code > 0) & ~converged_now, iterate[start:], next_window)
+            # stop_code − 4·iteration is 1 (converged now), 2 (non-finite now), < 0 (stopped
+            # before: keep X) or huge (no stop: take the step).
+            since = stop_code - iteration * 4
+            stepped = torch.where(since > 2, next_window, iterate[start:])
+            iterate[start:] = torch.where(since == 1, image, stepped)
         prefix += 1
         if checked:
             start = prefix

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fixedpoint.cells import SUPPORTED_DTYPES, Cell, check_floating
 from fixedpoint.errors import InputError
+from fixedpoint.kernels import use_kernels
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,6 +105,11 @@ class SequenceSystem:
             previous = torch.cat((self.initial_state.unsqueeze(0), states[:-1]), dim=0)
         else:
             previous = states[start - 1 : -1]
+        cell = self.cell
+        if use_kernels(previous, self.projected_inputs, cell.weight_hh, cell.bias_hh):
+            from fixedpoint.kernels.cells import step  # one fused kernel after the product; imports Triton
+
+            return step(self.cell, previous, self.projected_inputs[start:])
         return self.cell.step(previous, self.projected_inputs[start:])
 
     def previous_states(self, window: Tensor, predecessor: Tensor) -> Tensor:

@@ -77,3 +77,53 @@ def test_scan_kernel_refuses_what_it_does_not_compute():
         triton_scan.linear_recurrence(torch.zeros(3, 1, 4, 4, dtype=torch.float64), values, values[0])
     with pytest.raises(ValueError, match="float32 or float64"):
         triton_scan.linear_recurrence(values.half(), values.half(), values[0].half())
+
+
+# -- fused cell kernels -------------------------------------------------------------------------
+from fixedpoint import Network  # noqa: E402
+from fixedpoint.kernels import cells as triton_cells  # noqa: E402
+from fixedpoint.kernels import use_kernels  # noqa: E402
+
+CELL_KINDS = [("elman", "tanh"), ("elman", "relu"), ("gru", "tanh"), ("lstm", "tanh")]
+CELL_RTOL = {torch.float64: 1e-13, torch.float32: 2e-6}
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind,nonlinearity", CELL_KINDS, ids=["elman-tanh", "elman-relu", "gru", "lstm"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("steps,batch,hidden", [(1, 1, 1), (5, 3, 7)])
+def test_cell_kernels_match_the_torch_terms(device, dtype, kind, nonlinearity, bias, steps, batch, hidden):
+    if not INTERPRETED:
+        steps, batch, hidden = steps * 257, batch * 4, hidden * 9  # many programs, ragged last block
+    cell = Network.random(kind, 3, hidden, seed=steps + hidden, nonlinearity=nonlinearity, scale=2.0, bias=bias,
+                          dtype=dtype).cells[0][0].to(device=device)
+    state = randn(steps, batch, cell.state_size, seed=1, dtype=dtype).to(device)
+    projected = cell.input_projection(randn(steps, batch, 3, seed=2, dtype=dtype).to(device))
+    fused = triton_cells.quasi_newton_terms(cell, state, projected)
+    reference = cell.quasi_newton_terms_torch(state, projected)
+    for got, expected in zip(fused, reference):
+        assert got.dtype == dtype and got.shape == expected.shape and got.device == expected.device
+        assert float((got - expected).abs().max()) <= CELL_RTOL[dtype] * (1 + float(expected.abs().max()))
+    image = triton_cells.step(cell, state, projected)
+    assert float((image - cell.step(state, projected)).abs().max()) <= CELL_RTOL[dtype] * (1 + float(image.abs().max()))
+    # The step's right-hand side closes the linearisation: b = F − A s.
+    image, transitions, values = fused
+    structure = "block2" if kind == "lstm" else "diagonal"
+    from fixedpoint.scan import apply_transitions
+
+    assert float((values + apply_transitions(transitions, state, structure) - image).abs().max()) <= 4 * CELL_RTOL[dtype]
+
+
+def test_kernels_serve_only_cuda_and_never_under_autograd():
+    cpu = torch.zeros(3)
+    assert not use_kernels(cpu)
+    weights = torch.zeros(3, requires_grad=True)
+    with torch.no_grad():
+        assert not use_kernels(cpu, weights)
+    if torch.cuda.is_available():
+        on_device = torch.zeros(3, device="cuda")
+        assert use_kernels(on_device)
+        assert not use_kernels(on_device, weights.cuda())  # recorded: the torch path
+        with torch.no_grad():
+            assert use_kernels(on_device, weights.cuda())

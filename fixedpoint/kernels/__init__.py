@@ -18,9 +18,13 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def use_kernels(tensor: torch.Tensor) -> bool:
-    """Whether the fused kernels serve computations on ``tensor``: on CUDA when Triton is
-    installed, unless ``FIXEDPOINT_KERNELS=torch`` asks for the torch reference everywhere."""
+def use_kernels(tensor: torch.Tensor, *operands: torch.Tensor | None) -> bool:
+    """Whether the fused kernels serve a computation on ``tensor`` (and ``operands``): on CUDA
+    when Triton is installed, unless autograd records it (the kernels have no backward) or
+    ``FIXEDPOINT_KERNELS=torch`` asks for the torch reference everywhere."""
     if os.environ.get("FIXEDPOINT_KERNELS", "").lower() == "torch":
         return False
-    return tensor.device.type == "cuda" and triton_available()
+    if tensor.device.type != "cuda" or not triton_available():
+        return False
+    recorded = (tensor, *(t for t in operands if t is not None))
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in recorded))

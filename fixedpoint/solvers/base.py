@@ -115,6 +115,12 @@ class Solver(ABC):
         """The first iterate ``(T, B, S)`` and the solver's private state."""
         return initial_guess, None
 
+    def evaluate(self, system: SequenceSystem, iterate: Tensor, start: int, state: Any) -> Tensor:
+        """``F(X)`` at positions ``start … T−1`` of the iterate ``X (T, B, S)``: the driver's one
+        evaluation per iteration.  A solver that needs more at the same point (a Jacobian) may
+        compute it here from the same products and keep it in ``state`` for :meth:`step`."""
+        return system.apply(iterate, start=start)
+
     def step(
         self,
         iterate: Tensor,

@@ -75,6 +75,9 @@ class NewtonState:
     last_residual: Tensor | None = None
     regularization: Tensor | None = None
     kept: Tensor | None = None
+    #: quasi-Newton: ``(A, b)`` of the window's linearisation, computed with ``F`` by
+    #: :meth:`Newton.evaluate` from the same product, for the step that follows.
+    terms: tuple[Tensor, Tensor] | None = None
 
 
 def free_memory(device: torch.device) -> int:
@@ -172,6 +175,18 @@ class Newton(Solver):
             state.kept = zeros.clone()
         return initial_guess, state
 
+    def evaluate(self, system: SequenceSystem, iterate: Tensor, start: int, state: NewtonState) -> Tensor:
+        """``F(X)`` on the window; quasi-Newton also forms its step's ``(A, b)`` there, from the
+        same product with ``W_hh`` (:meth:`~fixedpoint.cells.Cell.quasi_newton_terms`)."""
+        state.terms = None
+        if self.jacobian != "diagonal" or state.chunk is not None:
+            return system.apply(iterate, start=start)
+        predecessor = system.initial_state if start == 0 else iterate[start - 1]
+        previous = system.previous_states(iterate[start:], predecessor)
+        image, transitions, values = system.cell.quasi_newton_terms(previous, system.projected_inputs[start:])
+        state.terms = (transitions, values)
+        return image
+
     def step(
         self,
         iterate: Tensor,
@@ -186,7 +201,10 @@ class Newton(Solver):
         residual = image - iterate
         if self.damping == "levenberg-marquardt":
             return self._levenberg_marquardt_step(system, iterate, image, residual, predecessor, state, active)
-        newton = self.newton_iterate(system, iterate, image, predecessor, state.chunk)
+        if state.terms is not None:
+            newton = linear_recurrence(*state.terms, predecessor)
+        else:
+            newton = self.newton_iterate(system, iterate, image, predecessor, state.chunk)
         if self.damping == "backtracking":
             newton, accepted = self._backtrack(system, iterate, image, newton, residual, predecessor, state, active)
         else:
@@ -272,7 +290,7 @@ class Newton(Solver):
         for which none does within ``max_backtracks`` increases of ``λ`` keeps ``X``."""
         rtol, atol = self.tolerances(iterate.dtype)
         previous, inputs, jacobian, structure = self._linearization(system, iterate, predecessor)
-        transitions = jacobian(previous, inputs)
+        transitions = state.terms[0] if state.terms is not None else jacobian(previous, inputs)
         merit = 0.5 * residual.square().sum(dim=(0, 2))  # (B,)
         regularization = state.regularization.clone()
         chosen = iterate.clone()
