@@ -23,7 +23,9 @@ Three ways to run the recurrence, the same numbers:
 
 ``"auto"`` takes ``"sequential"`` on a CPU (measured fastest there: docs/adjoint.md) and
 ``"quasi-newton"`` on CUDA, where ``T`` sequential steps are ``T`` kernel launches and the dense
-scan's work grows as ``S³``.
+scan's work grows as ``S³``; there its scans run on the fused Triton kernel, and a quasi-Newton
+adjoint that has not settled after its iterations finishes by dense scans when they fit in
+memory, so that no loop over ``T`` runs on CUDA unless memory forces it.
 """
 
 from __future__ import annotations
@@ -107,17 +109,25 @@ def adjoint_states(
     return _adjoint_sequentially(system, states, state_gradients)
 
 
-def _adjoint_by_scan(system: SequenceSystem, states: Tensor, gradients: Tensor, chunk: int | None) -> Tensor:
+def _adjoint_by_scan(
+    system: SequenceSystem, states: Tensor, gradients: Tensor, chunk: int | None,
+    adjoint: Tensor | None = None, exact_from: int | None = None,
+) -> Tensor:
+    """The recurrence by dense reverse scans.  With ``adjoint`` exact at positions
+    ``≥ exact_from``, fills in the positions before, in place, from ``λ_{exact_from}``."""
     # Chunks from the end: chunk [a, b) needs J_{t+1}ᵀ for t ∈ [a, b) (none exists for t = T − 1,
     # where the carried λ_T+1 is zero anyway) and starts from λ_b of the chunk after it.
     cell, projected = system.cell, system.projected_inputs
-    steps = system.seq_len
-    size = chunk or steps
-    adjoint = torch.empty_like(gradients)
-    carry = torch.zeros_like(gradients[0])
+    steps = system.seq_len if exact_from is None else exact_from
+    size = chunk or max(steps, 1)
+    if adjoint is None:
+        adjoint = torch.empty_like(gradients)
+        carry = torch.zeros_like(gradients[0])
+    else:
+        carry = adjoint[steps]
     for end in range(steps, 0, -size):
         start = max(0, end - size)
-        stop = min(end, steps - 1)
+        stop = min(end, system.seq_len - 1)
         transposed = cell.jacobian(states[start:stop], projected[start + 1 : stop + 1]).mT
         if stop < end:  # the last position: no successor
             transposed = torch.cat((transposed, transposed.new_zeros(1, *transposed.shape[1:])))
@@ -163,8 +173,22 @@ def _adjoint_by_quasi_newton(system: SequenceSystem, states: Tensor, gradients: 
         image[:-1] -= apply_transitions(unit, adjoint[1:], structure)
         adjoint = linear_recurrence(transitions, image, zero, reverse=True)
     # Not settled (an expanding Jᵀ moves one position per iteration): finish the positions that
-    # are not yet exact by the sequential recurrence, from the last image's exact suffix.
-    return _adjoint_sequentially(system, states, gradients, image, exact_from=max(0, steps - 2 - QUASI_NEWTON_MAX_ITERATIONS))
+    # are not yet exact from the last image's exact suffix.
+    return _finish_adjoint(system, states, gradients, image, max(0, steps - 2 - QUASI_NEWTON_MAX_ITERATIONS))
+
+
+def _finish_adjoint(system: SequenceSystem, states: Tensor, gradients: Tensor, adjoint: Tensor, exact_from: int) -> Tensor:
+    """Positions ``< exact_from`` of ``adjoint`` from its exact suffix: by dense reverse scans on
+    CUDA when their Jacobians fit the memory budget (no loop of ``T`` launches), otherwise (and on
+    a CPU, where it is the fastest) by the sequential recurrence."""
+    if states.device.type == "cuda" and exact_from > 0:
+        try:
+            size = plan_dense_chunk(system, None, None, what="the adjoint's dense finish", advice="")
+        except InputError:
+            size = 0
+        if size != 0:
+            return _adjoint_by_scan(system, states, gradients, size, adjoint=adjoint, exact_from=exact_from)
+    return _adjoint_sequentially(system, states, gradients, adjoint, exact_from=exact_from)
 
 
 def _adjoint_sequentially(

@@ -287,6 +287,32 @@ def test_adjoint_methods_equal_the_sequential_reference(cell, steps, batch, hidd
         assert (got - expected).abs().max().item() <= 1e-12 * max(1.0, expected.abs().max().item())
 
 
+@given(
+    cell=st.sampled_from(CELLS),
+    steps=st.integers(2, 17),
+    exact=st.integers(0, 16),
+    chunk=st.one_of(st.none(), st.integers(1, 6)),
+)
+def test_adjoint_finishes_from_an_exact_suffix_by_scans_or_steps(cell, steps, exact, chunk):
+    # How an unsettled quasi-Newton adjoint finishes: from λ exact at positions ≥ k, dense
+    # reverse scans (CUDA) and the sequential recurrence (CPU) fill in the same positions < k.
+    from fixedpoint.adjoint import _adjoint_by_scan, _adjoint_sequentially
+
+    kind, nonlinearity = cell
+    network = Network.random(kind, 2, 3, nonlinearity=nonlinearity, seed=steps, scale=4.0)
+    system = SequenceSystem.build(network.cells[0][0], randn(steps, 2, 2, seed=1))
+    states = system.sequential()
+    gradients = randn(*system.state_shape, seed=3)
+    expected = _adjoint_sequentially(system, states, gradients)
+    exact_from = min(exact, steps - 1)
+    partial = expected.clone()
+    partial[:exact_from] = float("nan")  # nothing before the exact suffix may be read
+    by_scan = _adjoint_by_scan(system, states, gradients, chunk, adjoint=partial.clone(), exact_from=exact_from)
+    by_steps = _adjoint_sequentially(system, states, gradients, partial.clone(), exact_from=exact_from)
+    for got in (by_scan, by_steps):
+        assert (got - expected).abs().max().item() <= 1e-12 * max(1.0, expected.abs().max().item())
+
+
 @given(cell=st.sampled_from(CELLS), hidden=st.integers(1, 5), batch=st.integers(1, 3), transposed=st.booleans())
 def test_jacobian_products_are_the_jacobian_and_its_transpose(cell, hidden, batch, transposed):
     """``J v`` (the forward-error and Lyapunov recurrences) and ``Jᵀ v`` (the adjoint) from the
