@@ -186,6 +186,41 @@ def test_auto_weighs_the_predicted_iterations(kind, margin, expected, monkeypatc
     assert solve(system, Auto()).stats.solver["method"] == expected
 
 
+def test_auto_caches_its_choice_per_shape_and_weights(monkeypatch):
+    import fixedpoint.solvers.auto as auto_module
+
+    calls = []
+
+    def timed(function, device):  # type: ignore[no-untyped-def]
+        function()
+        calls.append(1)
+        return 1.0 if len(calls) % 2 else 1e-4  # prefix slow, iteration fast: quasi-Newton
+
+    monkeypatch.setattr(auto_module, "_calibrates", lambda system: True)
+    monkeypatch.setattr(auto_module, "_timed", timed)
+    auto_module.clear_cache()
+    network = Network.random("gru", 4, 8, seed=5)
+    system = SequenceSystem.build(network.cells[0][0], randn(600, 2, 4, seed=6))
+    assert solve(system, Auto()).stats.solver["method"] == "quasi-newton"
+    assert len(calls) == 2  # the prefix and one iteration
+    # Same weights, same shape, T in the same power-of-two bucket (513 … 1024): no calibration.
+    longer = SequenceSystem.build(network.cells[0][0], randn(1000, 2, 4, seed=7))
+    assert solve(longer, Auto()).stats.solver["method"] == "quasi-newton"
+    assert len(calls) == 2
+    # Another bucket, another batch size, other weights of the same shape, or a cleared cache: calibrate.
+    solve(SequenceSystem.build(network.cells[0][0], randn(1100, 2, 4, seed=8)), Auto())
+    assert len(calls) == 4
+    solve(SequenceSystem.build(network.cells[0][0], randn(600, 3, 4, seed=9)), Auto())
+    assert len(calls) == 6
+    other = Network.random("gru", 4, 8, seed=6)
+    solve(SequenceSystem.build(other.cells[0][0], randn(600, 2, 4, seed=6)), Auto())
+    assert len(calls) == 8
+    auto_module.clear_cache()
+    solve(system, Auto())
+    assert len(calls) == 10
+    auto_module.clear_cache()
+
+
 @pytest.mark.parametrize("steps", [1, 2, 37])
 def test_lstm_memory_by_scan_equals_the_loop(steps):
     network = Network.random("lstm", 3, 5, seed=7)

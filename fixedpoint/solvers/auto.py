@@ -13,11 +13,17 @@ The rule, from the benchmarks in docs/benchmarks.md:
   solved (:mod:`fixedpoint.predictability`: the Lyapunov exponent's window growth; on a barely
   predictable trained network it is about ``T``, so the fused kernel wins), or fixed by
   ``expected_iterations``.  The calibration is part of the solve's wall time.
+
+The choice is cached per (device, cell, ``H``, input size, ``B``, dtype, ``T`` rounded up to a
+power of two, the ``Auto`` configuration) and per weight tensor (the same ``W_hh`` object: a model
+keeps its choice across calls and training steps), so only the first solve of a shape pays for the
+calibration; each timing is warm (the second of two runs).  :func:`clear_cache` forgets every choice.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +59,20 @@ class Auto(Solver):
         steps = system.seq_len
         if not _calibrates(system) or steps <= self.calibration_steps:
             return fused
-        device = system.inputs.device
         quasi = Newton(rtol=self.rtol, atol=self.atol, jacobian="diagonal")
+        key = _cache_key(self, system)
+        cached = _CHOICES.get(key)
+        if cached is not None and cached[0]() is system.cell.weight_hh:
+            return quasi if cached[1] == quasi.name else fused
+        choice = self._calibrate(system, fused, quasi)
+        _CHOICES[key] = (weakref.ref(system.cell.weight_hh), choice.name)
+        return choice
+
+    def _calibrate(self, system: SequenceSystem, fused: Sequential, quasi: Newton) -> Solver:
+        """Time the fused kernel on a prefix and one quasi-Newton iteration, predict the
+        iterations, and choose (module docstring)."""
+        steps = system.seq_len
+        device = system.inputs.device
         prefix = SequenceSystem(system.cell, system.inputs[: self.calibration_steps], system.initial_state)
         solved = []
         sequential_seconds = _timed(lambda: solved.append(fused.solve_directly(prefix)), device)
@@ -67,13 +85,30 @@ class Auto(Solver):
             along = predictability(system, states, rtol=rtol, atol=atol)
             expected = int(along.predicted_iterations["quasi-newton"].max())
 
-        def one_iteration() -> None:
-            guess = torch.zeros(system.state_shape, dtype=system.inputs.dtype, device=system.inputs.device)
-            image = system.apply(guess)
-            quasi.newton_iterate(system, guess, image, system.initial_state, None)
+        def one_iteration() -> None:  # what the driver does per iteration, through the solver's interface
+            guess, state = quasi.init(system, torch.zeros(system.state_shape, dtype=system.inputs.dtype, device=device))
+            image = quasi.evaluate(system, guess, 0, state)
+            quasi.step(guess, image, state, system.initial_state)
 
         iteration_seconds = _timed(one_iteration, device)
         return quasi if expected * iteration_seconds < sequential_seconds else fused
+
+
+#: Auto's choices: cache key → (a weak reference to the ``W_hh`` it was made for, solver name).
+_CHOICES: dict[tuple, tuple[weakref.ref, str]] = {}
+
+
+def clear_cache() -> None:
+    """Forget every choice :class:`Auto` has cached (the next solve of each shape calibrates)."""
+    _CHOICES.clear()
+
+
+def _cache_key(auto: Auto, system: SequenceSystem) -> tuple:
+    cell = system.cell
+    steps, batch, _ = system.state_shape
+    bucket = 1 << max(0, steps - 1).bit_length()  # T rounded up to a power of two
+    return (str(system.inputs.device), cell.kind, getattr(cell, "nonlinearity", None), cell.hidden_size,
+            cell.input_size, batch, cell.dtype, bucket, auto)
 
 
 def _calibrates(system: SequenceSystem) -> bool:
@@ -83,7 +118,9 @@ def _calibrates(system: SequenceSystem) -> bool:
 
 
 def _timed(function, device: torch.device) -> float:  # type: ignore[no-untyped-def]
-    """Wall seconds of ``function()``, with the device's queue drained before and after."""
+    """Warm wall seconds of ``function()``: the second of two runs (the first compiles kernels,
+    plans cuBLAS and fills the allocator's cache), with the device's queue drained around it."""
+    function()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
