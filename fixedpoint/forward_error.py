@@ -24,19 +24,34 @@ of the error that the residual left, up to the rounding of the residual's evalua
 
 Cost: one evaluation of ``F`` and of the Jacobian factors over all positions (parallel), then
 ``T`` sequential Jacobian–vector products (one ``W_hh`` product each, no ``S×S`` matrices),
-about the cost of the sequential Python loop.
+about the cost of the sequential Python loop.  On CUDA, where that loop is ``T`` kernel launches,
+the recurrence is solved instead by quasi-Newton iterations over all positions at once
+(:func:`parallel_correction`), each one scan and one batched product.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from fixedpoint.conditioning import Trajectory
+from fixedpoint.errors import InputError
+from fixedpoint.scan import apply_transitions, linear_recurrence
 from fixedpoint.system import SequenceSystem
 
 #: The dtype in which the residual and the correction are evaluated.
 ESTIMATE_DTYPE = torch.float64
+
+#: How :func:`correction_and_residual` solves the correction's recurrence.
+Method = Literal["auto", "sequential", "parallel"]
+#: Most iterations of :func:`parallel_correction` before it gives way to the loop.
+PARALLEL_ITERATIONS = 32
+#: Relative change of ``δ`` per iteration below which :func:`parallel_correction` stops: the
+#: correction is then accurate to about this fraction of itself (a refinement that adds it
+#: removes all but that fraction of the error it estimates).
+PARALLEL_RTOL = 1e-6
 
 #: Positions whose Jacobian factors are formed at once: bounds the float64 temporaries
 #: (``G·H`` numbers per position and sample) independently of ``T``.
@@ -61,6 +76,7 @@ def correction_and_residual(
     chunk: int = CHUNK,
     tolerances: tuple[float, float] | None = None,
     exact_prefix: int = 0,
+    method: Method = "auto",
 ) -> tuple[Tensor, Tensor]:
     """``δ (T, B, S)`` as :func:`linearized_correction`, and the residual's size per sample
     ``(B,)``: ``max |r|`` or, with ``tolerances = (rtol, atol)``, the scaled
@@ -68,25 +84,71 @@ def correction_and_residual(
 
     The first ``exact_prefix`` positions are taken as exact (the recurrence's own values, as a
     solve's exact prefix is): their residual, rounding only, is not propagated, so ``δ`` is 0
-    there and a refinement leaves them as the sequential loop computes them."""
+    there and a refinement leaves them as the sequential loop computes them.
+
+    ``method``: ``"sequential"`` (the loop over positions), ``"parallel"`` (quasi-Newton
+    iterations on the linear recurrence, :func:`parallel_correction`, falling back to the loop
+    if they have not converged), or ``"auto"``: parallel on CUDA, where a loop over ``T`` is
+    ``T`` kernel launches, sequential elsewhere, where it is the cheapest."""
+    if method not in ("auto", "sequential", "parallel"):
+        raise InputError(f"method must be 'auto', 'sequential' or 'parallel', got {method!r}")
+    if method == "parallel" or (method == "auto" and states.device.type == "cuda"):
+        with torch.no_grad():
+            whole = Trajectory.of(system, states)
+            residual, residual_size = _residual(whole, tolerances)
+            residual[:exact_prefix] = 0
+            correction = parallel_correction(whole, residual)
+        if correction is not None:
+            return correction, residual_size
     with torch.no_grad():
         correction = states.new_empty(states.shape, dtype=ESTIMATE_DTYPE)
         residual_size = correction.new_zeros(states.shape[1])
         delta = correction.new_zeros(states.shape[1:])
         for start, piece in Trajectory.chunks(system, states, chunk):
-            image = piece.image()
-            residual = image - piece.states
-            size_here = residual.abs()
-            if tolerances is not None:
-                rtol, atol = tolerances
-                size_here = size_here / (atol + rtol * image.abs()).clamp_(min=torch.finfo(ESTIMATE_DTYPE).tiny)
-            residual_size = torch.maximum(residual_size, size_here.amax(dim=(0, 2)))
+            residual, size_here = _residual(piece, tolerances)
+            residual_size = torch.maximum(residual_size, size_here)
             residual[: max(0, exact_prefix - start)] = 0
             factors = piece.factors()
             for t in range(piece.states.shape[0]):
                 delta = piece.cell.jacobian_product(tuple(f[t] for f in factors), delta) + residual[t]
                 correction[start + t] = delta
     return correction, residual_size
+
+
+def _residual(piece: Trajectory, tolerances: tuple[float, float] | None) -> tuple[Tensor, Tensor]:
+    """``r = F(S) − S`` on a piece ``(n, B, S)`` and its size per sample ``(B,)`` (scaled by the
+    tolerances when given)."""
+    image = piece.image()
+    residual = image - piece.states
+    size = residual.abs()
+    if tolerances is not None:
+        rtol, atol = tolerances
+        size = size / (atol + rtol * image.abs()).clamp_(min=torch.finfo(ESTIMATE_DTYPE).tiny)
+    return residual, size.amax(dim=(0, 2))
+
+
+def parallel_correction(trajectory: Trajectory, residual: Tensor) -> Tensor | None:
+    """``δ_t = J_t δ_{t−1} + r_t`` (``δ_0 = 0``) by quasi-Newton iterations, all positions at once:
+    ``J = D + R`` with ``D`` the per-unit part (diagonal; the LSTM's 2×2 blocks), each iteration
+    one scan ``δ⁺_t = D_t δ⁺_{t−1} + r_t + R_t δ_{t−1}`` and one batched product ``J v``.  Exact
+    after ``T`` iterations (finite termination); returns ``δ`` once an iteration changes it by at
+    most :data:`PARALLEL_RTOL` of its size in every sample, or ``None`` after
+    :data:`PARALLEL_ITERATIONS` (where ``J`` expands, the caller's loop is cheaper)."""
+    cell = trajectory.cell
+    structure = "block2" if cell.kind == "lstm" else "diagonal"
+    factors = trajectory.factors()
+    unit = cell.unit_jacobian(trajectory.previous, trajectory.projected)
+    zero = residual.new_zeros(residual.shape[1:])
+    delta = linear_recurrence(unit, residual, zero)
+    for _ in range(PARALLEL_ITERATIONS):
+        shifted = torch.cat((zero.unsqueeze(0), delta[:-1]))
+        coupling = cell.jacobian_product(factors, shifted) - apply_transitions(unit, shifted, structure)
+        updated = linear_recurrence(unit, residual + coupling, zero)
+        change = (updated - delta).abs().amax(dim=(0, 2))
+        delta = updated
+        if bool((change <= PARALLEL_RTOL * delta.abs().amax(dim=(0, 2))).all()):
+            return delta
+    return None
 
 
 def forward_error_estimate(system: SequenceSystem, states: Tensor) -> Tensor:
