@@ -47,6 +47,7 @@ from torch import Tensor
 from fixedpoint.cells import all_finite, check_floating
 from fixedpoint.errors import InputError, NoConvergence
 from fixedpoint.network import Network
+from fixedpoint.residual import measure
 from fixedpoint.runtime import true_float32
 from fixedpoint.contraction import ContractionReport, Norm, a_posteriori_error_bound, analyze, check_norm, state_norms
 from fixedpoint.forward_error import correction_and_residual, scaled_size
@@ -344,18 +345,13 @@ def _solve(
         image[:exact] = iterate[start:prefix]  # equal but for rounding: keep the exact ones
         if callback is not None:
             callback(iteration, iterate, image[exact:])
-        rows_finite = torch.isfinite(image).flatten(1).all(1)  # (T − start,)
+        rows_finite, scaled, largest = measure(image, iterate[start:], rtol, atol)  # (T − start,), (B,), (B,)
         finite = rows_finite.all()
         finite_rows.append((start, rows_finite))
-        # In place, two temporaries: large CPU allocations cost page faults on every iteration.
-        difference = torch.sub(image, iterate[start:]).abs_()
-        last_difference = difference[exact:]
-        tolerance = image.abs().mul_(rtol).add_(atol)
-        # With atol = 0 a tolerance can be 0: the floor makes 0/0 read 0 and x/0 read huge.
-        scaled = torch.div(difference, tolerance.clamp_(min=torch.finfo(image.dtype).tiny), out=tolerance)
-        scaled = scaled.amax(dim=(0, 2))  # (B,)
+        if report is not None:  # the certificate bounds the error by the last step's norm
+            last_difference = (image[exact:] - iterate[prefix:]).abs()
         scaled_history.append(scaled)
-        abs_history.append(difference.amax(dim=(0, 2)))
+        abs_history.append(largest)
         kind = torch.where(finite, (scaled < 1).all().long(), 2)  # 0 go on, 1 converged, 2 non-finite
         stop_code = torch.minimum(stop_code, torch.where(kind > 0, iteration * 4 + kind, NO_STOP))
         last = iteration == max_steps or prefix + 1 == steps

@@ -127,3 +127,37 @@ def test_kernels_serve_only_cuda_and_never_under_autograd():
         assert not use_kernels(on_device, weights.cuda())  # recorded: the torch path
         with torch.no_grad():
             assert use_kernels(on_device, weights.cuda())
+
+
+# -- the driver's measurement ---------------------------------------------------------------------
+from fixedpoint.kernels import residual as triton_residual  # noqa: E402
+from fixedpoint.residual import measure_torch  # noqa: E402
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("steps,batch,size", [(1, 1, 1), (5, 3, 7), (40, 2, 10), (17, 4, 33)])
+@pytest.mark.parametrize("tolerances", [(1e-6, 1e-8), (1e-4, 0.0)], ids=["rtol-atol", "atol-0"])
+def test_measure_kernel_matches_the_torch_measurement(device, dtype, steps, batch, size, tolerances):
+    if not INTERPRETED:
+        steps = steps * 811
+    image = randn(steps, batch, size, seed=steps + size, dtype=dtype).to(device)
+    iterate = image + 1e-5 * randn(steps, batch, size, seed=1, dtype=dtype).to(device)
+    image[0, 0, 0] = iterate[0, 0, 0] = 0.0  # a zero tolerance when atol = 0: 0/0 reads 0
+    fused = triton_residual.measure(image, iterate, *tolerances)
+    reference = measure_torch(image, iterate, *tolerances)
+    assert torch.equal(fused[0], reference[0]) and bool(fused[0].all())
+    for got, expected in zip(fused[1:], reference[1:]):
+        assert got.shape == (batch,) and got.dtype == dtype
+        assert float((got - expected).abs().max()) <= 4 * torch.finfo(dtype).eps * float(expected.abs().max())
+    # A NaN and an Inf mark their positions; the other samples' maxima are untouched.
+    if steps > 3 and batch > 1:
+        image[3, 1, 0] = float("nan")
+        image[steps - 1, 1, size - 1] = float("inf")
+        fused = triton_residual.measure(image, iterate, *tolerances)
+        reference = measure_torch(image, iterate, *tolerances)
+        assert torch.equal(fused[0], reference[0])
+        assert not bool(fused[0][3]) and not bool(fused[0][steps - 1]) and int((~fused[0]).sum()) == 2
+        keep = torch.arange(batch, device=device) != 1
+        for got, expected in zip(fused[1:], reference[1:]):
+            assert float((got[keep] - expected[keep]).abs().max()) <= 4 * torch.finfo(dtype).eps * float(expected[keep].abs().max())
