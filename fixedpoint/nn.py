@@ -181,7 +181,8 @@ def _fused_layer(
 ) -> tuple[Tensor, Tensor]:
     """One layer, one direction by ``torch.nn``'s fused kernel under autograd (``adjoint="fused"``):
     ``x (T, B, I)``, ``s_0 (B, S)`` → ``(h (T, B, H), s_T (B, S))``, differentiable as ``torch.nn``.
-    The inputs are validated as for a solve (NaN/Inf, ``T, B ≥ 1``), whichever path runs."""
+    The inputs are validated as for a solve (NaN/Inf), whichever path runs (empty inputs never
+    reach a layer: the module's forward hands them to ``torch.nn``'s)."""
     with _in_weights_dtype(inputs):
         system = SequenceSystem.build(options.cell(*weights), inputs, initial_state)  # validation only
         return system.cell.fused_sequence(system.inputs, system.initial_state, train=True)
@@ -311,6 +312,10 @@ class _Solved:
         """``torch.nn``'s forward: ``input (T, B, I)`` (``(B, T, I)`` with ``batch_first``, or
         unbatched ``(T, I)``) and ``hx`` → ``(output, h_n)``, for LSTM ``(output, (h_n, c_n))``."""
         name = type(self).__name__
+        if isinstance(input, Tensor) and input.numel() == 0:
+            # No equation to solve: torch.nn's own forward gives its results and its errors for an
+            # empty batch (empty outputs, a backward of zero gradients) or an empty sequence.
+            return self._torch_type.forward(self, input, hx)  # type: ignore[arg-type]
         if isinstance(input, PackedSequence):
             raise TypeError(f"{name}: PackedSequence input is not supported; pass a padded tensor")
         if not isinstance(input, Tensor):
@@ -405,10 +410,11 @@ class RNN(_Solved, nn.RNN):
         solver: Solver | str | None = None,
         max_steps: int | None = None,
         adjoint: ModuleAdjoint = "auto",
+        **torch_options: Any,
     ) -> None:
         nn.RNN.__init__(
             self, input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout, bidirectional,
-            device=device, dtype=dtype,
+            device=device, dtype=dtype, **torch_options,
         )
         self._configure(solver, max_steps, adjoint)
 
@@ -434,10 +440,11 @@ class GRU(_Solved, nn.GRU):
         solver: Solver | str | None = None,
         max_steps: int | None = None,
         adjoint: ModuleAdjoint = "auto",
+        **torch_options: Any,
     ) -> None:
         nn.GRU.__init__(
             self, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-            device=device, dtype=dtype,
+            device=device, dtype=dtype, **torch_options,
         )
         self._configure(solver, max_steps, adjoint)
 
@@ -464,11 +471,12 @@ class LSTM(_Solved, nn.LSTM):
         solver: Solver | str | None = None,
         max_steps: int | None = None,
         adjoint: ModuleAdjoint = "auto",
+        **torch_options: Any,
     ) -> None:
         if proj_size != 0:
             raise InputError("LSTM with proj_size > 0 is not supported: its state is not (h, c) of one size")
         nn.LSTM.__init__(
             self, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
-            device=device, dtype=dtype,
+            device=device, dtype=dtype, **torch_options,
         )
         self._configure(solver, max_steps, adjoint)

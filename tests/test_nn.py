@@ -487,8 +487,60 @@ def test_fused_path_validates_its_input_as_a_solve_does(kind, adjoint):
     bad[2, 1, 0] = float("nan")
     with pytest.raises(InputError, match="NaN"):
         solved(bad.requires_grad_())
-    with pytest.raises(InputError, match="T ≥ 1 and B ≥ 1"):
-        solved(torch.zeros(4, 0, 3, requires_grad=True))
+    output, _ = solved(torch.zeros(4, 0, 3, requires_grad=True))  # an empty batch: as torch.nn
+    assert output.shape == (4, 0, solved.hidden_size)
+
+
+# -- empty inputs and constructor arguments, as torch.nn treats them ------------------------------------
+MODULE_PAIRS = [(fnn.RNN, nn.RNN), (fnn.GRU, nn.GRU), (fnn.LSTM, nn.LSTM)]
+
+
+@pytest.mark.parametrize("ours,theirs", MODULE_PAIRS, ids=["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_empty_batch_gives_torch_nn_s_empty_outputs_and_backward(ours, theirs, batch_first):
+    solved = ours(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first, dtype=torch.float64)
+    reference = theirs(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first, dtype=torch.float64)
+    reference.load_state_dict(solved.state_dict())
+    shape = (0, 5, 3) if batch_first else (5, 0, 3)
+    results = []
+    for module in (solved, reference):
+        inputs = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+        output, final = module(inputs)
+        finals = final if isinstance(final, tuple) else (final,)
+        (output.sum() + sum(f.sum() for f in finals)).backward()
+        results.append((output.shape, [f.shape for f in finals], inputs.grad.shape,
+                        [p.grad for p in module.parameters()]))
+    (shapes, final_shapes, grad_shape, grads), (shapes_t, final_shapes_t, grad_shape_t, grads_t) = results
+    assert (shapes, final_shapes, grad_shape) == (shapes_t, final_shapes_t, grad_shape_t)
+    assert all(g is not None and torch.equal(g, gt) for g, gt in zip(grads, grads_t))  # zeros, as torch.nn's
+
+
+@pytest.mark.parametrize("ours,theirs", MODULE_PAIRS, ids=["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("shape", [(0, 2, 3), (0, 3)], ids=["batched", "unbatched"])
+def test_empty_sequence_raises_what_torch_nn_raises(ours, theirs, shape):
+    errors = []
+    for module in (ours(3, 4), theirs(3, 4)):
+        with pytest.raises(Exception) as caught:
+            module(torch.zeros(shape))
+        errors.append((type(caught.value), str(caught.value)))
+    assert errors[0] == errors[1]
+    assert errors[0][0] is RuntimeError and "sequence length" in errors[0][1]
+
+
+@pytest.mark.parametrize(
+    "ours,theirs,options",
+    [(fnn.RNN, nn.RNN, {"proj_size": 10}), (fnn.GRU, nn.GRU, {"proj_size": 10})]
+    + [(ours, theirs, {"unknown_option": 1}) for ours, theirs in MODULE_PAIRS],
+    ids=["rnn-proj_size", "gru-proj_size", "rnn-unknown", "gru-unknown", "lstm-unknown"],
+)
+def test_constructor_rejects_what_torch_nn_rejects(ours, theirs, options):
+    # (LSTM's proj_size is accepted by torch.nn; fixedpoint.nn refuses it as not yet supported.)
+    errors = []
+    for module_type in (ours, theirs):
+        with pytest.raises(Exception) as caught:
+            module_type(3, 4, **options)
+        errors.append((type(caught.value), str(caught.value)))
+    assert errors[0] == errors[1]
 
 
 def test_fused_double_backward_is_torch_nn_s_own():
