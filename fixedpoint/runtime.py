@@ -43,10 +43,14 @@ def true_float32() -> Iterator[None]:
     program asks for it): an exactness claim in float32 and a benchmark against cuDNN both need
     both sides in true float32.  A no-op on a CPU.
     """
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch._C._get_cudnn_allow_tf32())
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    # Through torch._C, not torch.backends.cudnn.allow_tf32: a test harness may have frozen the
+    # cudnn flags (torch.backends.cudnn.disable_global_flags, as torch's own test utilities do),
+    # and this scoped switch, restored below, is what that freeze permits with flags().
+    torch._C._set_cudnn_allow_tf32(False)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32 = saved[0]
+        torch._C._set_cudnn_allow_tf32(saved[1])

@@ -235,8 +235,11 @@ def test_solves_and_modules_compute_in_true_float32_whatever_the_process_chose()
     system = SequenceSystem.build(network.cells[0][0], randn(6, BATCH, INPUT_SIZE, seed=6, dtype=torch.float32))
     seen = []
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    # (torch._C's setter: torch's test utilities, imported by another test file, freeze the
+    # cudnn flags against plain assignment.)
     try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch._C._set_cudnn_allow_tf32(True)
         solve(system, Picard(), callback=lambda *_: seen.append(
             (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)))
         assert seen and set(seen) == {(False, False)}
@@ -244,7 +247,8 @@ def test_solves_and_modules_compute_in_true_float32_whatever_the_process_chose()
         GRU(INPUT_SIZE, 4)(randn(5, 2, INPUT_SIZE, seed=7, dtype=torch.float32))
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32 = saved[0]
+        torch._C._set_cudnn_allow_tf32(saved[1])
 
 
 # -- CUDA (skipped without a device) ------------------------------------------------------------------
