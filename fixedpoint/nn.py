@@ -18,6 +18,13 @@ vector–Jacobian product, never a pass back through the solver's iterations.  T
 autograd (backpropagation through time by ``torch.nn`` itself, no iterations to pass back
 through); ``"auto"`` takes it on a CPU where it was measured faster, per cell, dtype and
 hidden size (:func:`backpropagates_fused_kernel`).
+
+Variable lengths.  A ``PackedSequence`` input is solved as its padded batch with each sample's
+system ending at its own length: positions are causal, so a sample's real positions never read
+its padding; its final state is taken at its last real position, and the reverse direction runs
+each sample's own positions backwards (padding stays at the end).  The output is packed with the
+input's batch sizes and sorting.  The padded positions are evaluated (and discarded) like any
+other; where ``"fused"`` backpropagation runs, ``torch.nn``'s own packed kernel does.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from typing import Any, Iterator, Literal
 import torch
 import torch.nn.functional as functional
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from fixedpoint.adjoint import ADJOINT_METHODS, AdjointMethod, adjoint_states, resolve_adjoint_method, solution_gradients
 from fixedpoint.cells import CELL_TYPES, Cell
@@ -121,8 +128,9 @@ class LayerOptions:
 
 
 class SolvedLayer(torch.autograd.Function):
-    """One layer, one direction: ``(options, grad_enabled, x (T, B, I), s_0 (B, S), weights…) →
-    (h (T, B, H), s_T (B, S))``.
+    """One layer, one direction: ``(options, grad_enabled, lengths, x (T, B, I), s_0 (B, S),
+    weights…) → (h (T, B, H), s_T (B, S))``; with ``lengths (B,)`` (variable-length sequences,
+    padded at the end) the final state of sample ``b`` is its state at position ``lengths[b]``.
 
     Forward: the solve.  Backward: the adjoint recurrence at the saved solution ``S*`` and one
     vector–Jacobian product of ``F``; only ``S*``, the inputs and the weights are saved.  Both run
@@ -134,6 +142,7 @@ class SolvedLayer(torch.autograd.Function):
         ctx: Any,
         options: LayerOptions,
         grad_enabled: bool,
+        lengths: Tensor | None,
         inputs: Tensor,
         initial_state: Tensor,
         weight_ih: Tensor,
@@ -146,7 +155,10 @@ class SolvedLayer(torch.autograd.Function):
             system = SequenceSystem.build(cell, inputs, initial_state)
             solution = solve(system, options.solver, max_steps=options.max_steps)
         ctx.options = options
+        ctx.lengths = lengths
         hidden, final = solution.hidden, solution.final_state
+        if lengths is not None:  # each sample's last real position; what follows is padding
+            final = solution.value[lengths - 1, torch.arange(lengths.shape[0], device=lengths.device)]
         # Inside forward autograd is always off: ``grad_enabled`` says whether it was on at the call.
         if grad_enabled and any(ctx.needs_input_grad):
             states = solution.value
@@ -170,10 +182,15 @@ class SolvedLayer(torch.autograd.Function):
             system = SequenceSystem(cell, inputs, initial_state)
             state_gradients = torch.zeros_like(states)
             state_gradients[..., : cell.hidden_size] = hidden_gradient
-            state_gradients[-1] += final_gradient
+            if ctx.lengths is None:
+                state_gradients[-1] += final_gradient
+            else:
+                lengths = ctx.lengths
+                last = (lengths - 1, torch.arange(lengths.shape[0], device=lengths.device))
+                state_gradients.index_put_(last, final_gradient, accumulate=True)
             adjoint = adjoint_states(system, states, state_gradients, method=options.adjoint)
-            gradients = solution_gradients(system, states, adjoint, ctx.needs_input_grad[2:])
-        return (None, None, *gradients)
+            gradients = solution_gradients(system, states, adjoint, ctx.needs_input_grad[3:])
+        return (None, None, None, *gradients)
 
 
 def _fused_layer(
@@ -280,10 +297,11 @@ class _Solved:
         return module
 
     # -- forward -------------------------------------------------------------------------------------
-    def _initial_state(self, input: Tensor, hx: Any, batched: bool) -> Tensor:
-        """``hx`` checked as ``torch.nn`` checks it (same messages), as one ``(L·D, B, S)`` tensor."""
+    def _initial_state(self, input: Tensor, hx: Any, batched: bool, packed: PackedSequence | None = None) -> Tensor:
+        """``hx`` checked as ``torch.nn`` checks it (same messages), as one ``(L·D, B, S)`` tensor
+        (for a packed ``input``, ``hx`` is in the caller's batch order, as ``torch.nn`` takes it)."""
         lstm = self._kind == "lstm"
-        batch = input.shape[0 if self.batch_first else 1]
+        batch = int(packed.batch_sizes[0]) if packed is not None else input.shape[0 if self.batch_first else 1]
         count = self.num_layers * (2 if self.bidirectional else 1)
         if hx is None:
             zeros = torch.zeros(count, batch, self.hidden_size, dtype=input.dtype, device=input.device)
@@ -305,7 +323,10 @@ class _Solved:
                 )
             if not batched:
                 parts = tuple(part.unsqueeze(1) for part in parts)
-        self.check_forward_args(input, parts if lstm else parts[0], None)
+        if packed is not None:
+            self.check_forward_args(packed.data, parts if lstm else parts[0], packed.batch_sizes)
+        else:
+            self.check_forward_args(input, parts if lstm else parts[0], None)
         return torch.cat(parts, dim=-1)
 
     def forward(self, input: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
@@ -316,44 +337,56 @@ class _Solved:
             # No equation to solve: torch.nn's own forward gives its results and its errors for an
             # empty batch (empty outputs, a backward of zero gradients) or an empty sequence.
             return self._torch_type.forward(self, input, hx)  # type: ignore[arg-type]
-        if isinstance(input, PackedSequence):
-            raise TypeError(f"{name}: PackedSequence input is not supported; pass a padded tensor")
-        if not isinstance(input, Tensor):
+        packed = input if isinstance(input, PackedSequence) else None
+        lengths = None
+        if packed is not None:
+            # Each sample's system ends at its own length: the padded batch, solved with each
+            # sample's final state taken at its last real position (the reverse direction runs
+            # each sample's own positions backwards); outputs are packed again as they came.
+            input, lengths = pad_packed_sequence(packed)  # (T, B, I), batch in the caller's order
+            lengths = lengths.to(input.device)
+        elif not isinstance(input, Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (2, 3):
             raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
-        batch_axis = 0 if self.batch_first else 1
+        batch_first = self.batch_first and packed is None
+        batch_axis = 0 if batch_first else 1
         if not batched:
             input = input.unsqueeze(batch_axis)
-        initial = self._initial_state(input, hx, batched)  # (L·D, B, S)
+        initial = self._initial_state(input, hx, batched, packed)
         check_module_adjoint(self.adjoint, self.solver)  # the attributes may have been reassigned
         options = self._layer_options()
         through_kernel = torch.is_grad_enabled() and backpropagates_fused_kernel(
             self.adjoint, self.solver, self._kind, input, self.hidden_size
         )
+        if packed is not None and through_kernel:  # torch.nn's kernel and backward: its own packed path
+            return self._torch_type.forward(self, packed, hx)  # type: ignore[arg-type]
         directions = 2 if self.bidirectional else 1
-        layer_input = input.transpose(0, 1) if self.batch_first else input  # (T, B, ·)
+        layer_input = input.transpose(0, 1) if batch_first else input  # (T, B, ·)
+        reverse_order = None if lengths is None else _reversal_within(lengths, layer_input.shape[0])
         finals = []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
                 weights = [getattr(self, f"{kind}{suffix}", None) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-                sequence = layer_input.flip(0) if direction else layer_input  # the reverse direction
+                sequence = _reversed(layer_input, reverse_order) if direction else layer_input
                 state = initial[layer * directions + direction]
                 if through_kernel:
                     hidden, final = _fused_layer(options, sequence, state, weights)
                 else:
-                    hidden, final = SolvedLayer.apply(options, torch.is_grad_enabled(), sequence, state, *weights)
-                outputs.append(hidden.flip(0) if direction else hidden)
+                    hidden, final = SolvedLayer.apply(options, torch.is_grad_enabled(), lengths, sequence, state, *weights)
+                outputs.append(_reversed(hidden, reverse_order) if direction else hidden)
                 finals.append(final)
             layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
             if self.dropout and self.training and layer + 1 < self.num_layers:
                 # as torch.nn: between layers, drawn from the global generator
                 layer_input = functional.dropout(layer_input, self.dropout, training=True)
-        output = layer_input.transpose(0, 1) if self.batch_first else layer_input
+        output = layer_input.transpose(0, 1) if batch_first else layer_input
         final_states = torch.stack(finals)  # (L·D, B, S)
+        if packed is not None:
+            output = _packed_like(packed, output)
         if not batched:
             output = output.squeeze(batch_axis)
             final_states = final_states.squeeze(1)
@@ -361,6 +394,32 @@ class _Solved:
         if self._kind == "lstm":
             return output, (h_n, final_states[..., self.hidden_size :].contiguous())
         return output, h_n
+
+
+def _reversal_within(lengths: Tensor, steps: int) -> Tensor:
+    """``(T, B)`` positions that run each sample's first ``lengths[b]`` positions backwards and
+    leave its padding in place (an involution: applying it twice is the identity)."""
+    positions = torch.arange(steps, device=lengths.device).unsqueeze(1)
+    return torch.where(positions < lengths, lengths - 1 - positions, positions)
+
+
+def _reversed(sequence: Tensor, order: Tensor | None) -> Tensor:
+    """``sequence (T, B, F)`` in reverse time: whole (``order`` None) or within each sample's length."""
+    if order is None:
+        return sequence.flip(0)
+    return sequence.gather(0, order.unsqueeze(-1).expand_as(sequence))
+
+
+def _packed_like(packed: PackedSequence, padded: Tensor) -> PackedSequence:
+    """``padded (T, B, F)`` (batch in the caller's order) packed with ``packed``'s own batch sizes
+    and sorting, so that its rows line up with the input's."""
+    order = packed.sorted_indices
+    if order is None:
+        order = torch.arange(padded.shape[1], device=padded.device)
+    sizes = packed.batch_sizes.tolist()
+    times = torch.repeat_interleave(torch.arange(len(sizes)), packed.batch_sizes).to(padded.device)
+    samples = torch.cat([order[:size] for size in sizes])
+    return PackedSequence(padded[times, samples], packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 
 
 def _configuration(module: nn.RNNBase) -> dict[str, Any]:

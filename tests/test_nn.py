@@ -176,7 +176,7 @@ def test_gradcheck_layer(cell, adjoint):
     tensors = [t.requires_grad_() for t in tensors]
     if nonlinearity == "relu":  # keep pre-activations away from relu's kink, where φ' jumps
         tensors[0] = (tensors[0].detach() + 3.0).requires_grad_()
-    assert torch.autograd.gradcheck(lambda *args: fnn.SolvedLayer.apply(options, True, *args), tensors)
+    assert torch.autograd.gradcheck(lambda *args: fnn.SolvedLayer.apply(options, True, None, *args), tensors)
 
 
 @pytest.mark.parametrize("kind", ["elman", "gru", "lstm"])
@@ -491,6 +491,62 @@ def test_fused_path_validates_its_input_as_a_solve_does(kind, adjoint):
     assert output.shape == (4, 0, solved.hidden_size)
 
 
+# -- variable lengths: PackedSequence --------------------------------------------------------------------
+def _packed_run(module, inputs, lengths, enforce_sorted, hx):
+    """Output, final states and the gradients of inputs, hx and parameters for a packed batch."""
+    inputs = inputs.clone().requires_grad_()
+    hx = None if hx is None else tuple(h.clone().requires_grad_() for h in hx)
+    packed = pack_padded_sequence(inputs, lengths, enforce_sorted=enforce_sorted)
+    output, final = module(packed, None if hx is None else (hx if len(hx) == 2 else hx[0]))
+    finals = final if isinstance(final, tuple) else (final,)
+    weights = torch.linspace(-1, 1, output.data.numel(), dtype=output.data.dtype).view_as(output.data)
+    loss = (output.data * weights).sum() + sum(0.3 * (k + 1) * f.sum() for k, f in enumerate(finals))
+    leaves = [inputs, *(hx or ()), *module.parameters()]
+    return output, finals, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("solver,adjoint", [("picard", "sequential"), ("quasi-newton", "quasi-newton"),
+                                            ("newton", "scan"), ("sequential", "auto")])
+@pytest.mark.parametrize("with_hx", [False, True], ids=["no-hx", "hx"])
+def test_packed_sequences_give_torch_nn_s_outputs_states_and_gradients(cell, bidirectional, enforce_sorted,
+                                                                        solver, adjoint, with_hx):
+    # Each sample's system ends at its own length: outputs packed as they came, h_n (and c_n) at
+    # each sample's last real step (the reverse direction starting there), gradients through all.
+    kind, nonlinearity = cell
+    reference, solved = make_pair(kind, nonlinearity, num_layers=2, bidirectional=bidirectional,
+                                  solver=solver, adjoint=adjoint)
+    lengths = torch.tensor([7, 5, 5, 2]) if enforce_sorted else torch.tensor([2, 7, 5, 1])
+    inputs = randn(7, 4, 3, seed=11)
+    hx = None
+    if with_hx:
+        shape = (2 * (2 if bidirectional else 1), 4, reference.hidden_size)
+        hx = (0.5 * randn(*shape, seed=12),) + ((0.5 * randn(*shape, seed=13),) if kind == "lstm" else ())
+    expected_output, expected_finals, expected_gradients = _packed_run(reference, inputs, lengths, enforce_sorted, hx)
+    output, finals, gradients = _packed_run(solved, inputs, lengths, enforce_sorted, hx)
+    assert torch.equal(output.batch_sizes, expected_output.batch_sizes)
+    for got, expected in ((output.sorted_indices, expected_output.sorted_indices),
+                          (output.unsorted_indices, expected_output.unsorted_indices)):
+        assert (got is None and expected is None) or torch.equal(got, expected)
+    assert (output.data - expected_output.data).abs().max().item() <= BOUNDS[torch.float64]
+    for got, expected in zip((*finals, *gradients), (*expected_finals, *expected_gradients)):
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max().item() <= BOUNDS[torch.float64] * max(1.0, expected.abs().max().item())
+
+
+def test_packed_input_checks_hx_as_torch_nn_does():
+    reference, solved = make_pair("gru", num_layers=1)
+    packed = pack_padded_sequence(randn(5, 3, 3, seed=1), [5, 4, 2])
+    errors = []
+    for module in (reference, solved):
+        with pytest.raises(RuntimeError) as caught:
+            module(packed, torch.zeros(1, 2, reference.hidden_size, dtype=torch.float64))  # batch 2, not 3
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1]
+
+
 # -- empty inputs and constructor arguments, as torch.nn treats them ------------------------------------
 MODULE_PAIRS = [(fnn.RNN, nn.RNN), (fnn.GRU, nn.GRU), (fnn.LSTM, nn.LSTM)]
 
@@ -585,9 +641,6 @@ def test_bad_options_are_refused():
         fnn.LSTM.from_torch(nn.LSTM(3, 4, proj_size=2))
     with pytest.raises(InputError, match="expected a torch.nn.GRU"):
         fnn.GRU.from_torch(nn.LSTM(3, 4))
-    packed = pack_padded_sequence(torch.zeros(4, 2, 3), [4, 3])
-    with pytest.raises(TypeError, match="PackedSequence"):
-        fnn.GRU(3, 4)(packed)
     with pytest.raises(InputError, match="NaN"):
         fnn.GRU(3, 4, dtype=torch.float64)(torch.full((3, 1, 3), float("nan"), dtype=torch.float64))
 
