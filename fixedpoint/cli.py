@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Newton with backtracking)",
     )
     run.add_argument("--max-iter", type=_positive_int, help="most iterations per layer (default T)")
+    run.add_argument(
+        "--lengths", type=_lengths, metavar="L1,L2,...",
+        help="variable lengths: real positions of each of the B sequences (each in 1..T); the batch is "
+        "solved as torch.nn solves it packed (h_n at each sequence's end, outputs 0 after it)",
+    )
     run.add_argument("--damping", type=float, help="Picard damping in [0, 1) (default 0)")
     run.add_argument("--memory", type=_positive_int, help="Anderson memory (default 5)")
     run.add_argument("--repeat", type=_positive_int, default=1, help="timed repetitions, median reported (default 1)")
@@ -238,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seed of the model and batch order, and of a synthetic task's data (+1 held out) (default 0)")
     train.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     return parser
+
+
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 512,300,17, got {text!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 512,300,17, got {text!r}")
+    return lengths
 
 
 def _depths(text: str) -> tuple[int, ...]:
@@ -642,11 +657,13 @@ def _run_solve(args: argparse.Namespace) -> int:
         comparison = compare_with_torch(
             network, inputs, solver, repeats=args.repeat, max_steps=args.max_iter, callback=progress,
             certify=args.certify, phase=None if progress is None else progress.phase,
+            lengths=None if args.lengths is None else torch.tensor(args.lengths),
         )
     finally:
         if progress is not None:
             progress.close()
     report = _report(network, inputs, args.solver, comparison, dtype_source)
+    report["lengths"] = None if args.lengths is None else list(args.lengths)
     _emit(json.dumps(_json_safe(report), allow_nan=False) if args.json else _format_table(report))
     return 0 if report["converged"] else 1
 

@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from fixedpoint.lengths import check_lengths
 from fixedpoint.network import Network
 from fixedpoint.solve import NetworkSolution, solve_network
 from fixedpoint.contraction import ContractionReport, Norm, analyze, estimated_step_norms
@@ -62,10 +64,20 @@ class Comparison:
         return self.solver_seconds / self.reference_seconds
 
 
-def run_reference(module: torch.nn.Module, inputs: Tensor, hx: Any = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``torch.nn`` forward without autograd: ``(output, h_n, c_n or None)``."""
+def run_reference(
+    module: torch.nn.Module, inputs: Tensor, hx: Any = None, lengths: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``torch.nn`` forward without autograd: ``(output, h_n, c_n or None)``; with ``lengths``
+    the padded ``inputs`` go in as a ``PackedSequence`` and the output comes back padded (zeros
+    past each sample's end)."""
     with torch.no_grad():
-        output, final = module(inputs, hx)
+        if lengths is None:
+            output, final = module(inputs, hx)
+        else:
+            batch_first = getattr(module, "batch_first", False)
+            packed = pack_padded_sequence(inputs, lengths.cpu(), batch_first=batch_first, enforce_sorted=False)
+            output, final = module(packed, hx)
+            output, _ = pad_packed_sequence(output, batch_first=batch_first, total_length=inputs.shape[1 if batch_first else 0])
     if isinstance(final, tuple):
         return output, final[0], final[1]
     return output, final, None
@@ -91,6 +103,7 @@ def compare_with_torch(
     callback: Callable[..., None] | None = None,
     certify: Norm | None = None,
     phase: Phase | None = None,
+    lengths: Tensor | None = None,
 ) -> Comparison:
     """Solve ``network`` on ``inputs`` and compare with ``network.to_torch()``.
 
@@ -99,10 +112,14 @@ def compare_with_torch(
     returned solution's ``result`` says how it ended.  On CUDA, TF32 is switched off for the
     duration (matmul and cuDNN), so that float32 means float32 on both sides.  ``certify``
     attaches certificates to the last repetition's solve only (their time is not the solve's);
-    ``phase`` hears what runs next, for a progress display.
+    ``phase`` hears what runs next, for a progress display.  ``lengths (B,)``: variable-length
+    sequences (:func:`~fixedpoint.solve.solve_network`'s), fed to ``torch.nn`` packed.
     """
+    if lengths is not None:
+        steps = inputs.shape[1 if network.batch_first else 0]
+        lengths = check_lengths(lengths, steps, inputs.shape[0 if network.batch_first else 1], inputs.device)
     with true_float32():
-        return _compare(network, inputs, solver, hx, repeats, max_steps, callback, certify, phase or _silent)
+        return _compare(network, inputs, solver, hx, repeats, max_steps, callback, certify, phase or _silent, lengths)
 
 
 #: ``phase(description)``: called when a stage of a longer measurement starts.
@@ -123,13 +140,15 @@ def _compare(
     callback: Callable[..., None] | None,
     certify: Norm | None,
     phase: Phase,
+    lengths: Tensor | None,
 ) -> Comparison:
     phase("warming up")
     module = network.to_torch()
     warm_length = min(inputs.shape[1 if network.batch_first else 0], 8)
     warm_inputs = inputs[:, :warm_length] if network.batch_first else inputs[:warm_length]
-    solve_network(network, warm_inputs, hx, solver, throw=False)
-    run_reference(module, warm_inputs, hx)
+    warm_lengths = None if lengths is None else lengths.clamp(max=warm_length)
+    solve_network(network, warm_inputs, hx, solver, throw=False, lengths=warm_lengths)
+    run_reference(module, warm_inputs, hx, warm_lengths)
 
     solver_times: list[float] = []
     reference_times: list[float] = []
@@ -144,11 +163,11 @@ def _compare(
         phase(f"{'certifying and solving' if last and certify else 'solving'}{counter}")
         solution = solve_network(
             network, inputs, hx, solver, max_steps=max_steps, throw=False, callback=callback,
-            certify=certify if last else None,
+            certify=certify if last else None, lengths=lengths,
         )
         solver_times.append(solution.wall_time)
         phase(f"running torch.nn{counter}")
-        reference, seconds = _timed(lambda: run_reference(module, inputs, hx), inputs.device)
+        reference, seconds = _timed(lambda: run_reference(module, inputs, hx, lengths), inputs.device)
         reference_times.append(seconds)
     estimated = None
     if certify is not None and solution.converged:
@@ -161,7 +180,8 @@ def _compare(
     along = [_predictability(single) for single in solution.solutions] if solution.converged else []
     forward_error = _forward_error(solution) if solution.converged else None
     # torch.nn's kernel layer by layer (what the module runs), each layer's error given its inputs.
-    kernel = solve_network(network, inputs, hx, Sequential(kernel="fused"), throw=False, forward_error="estimate")
+    kernel = solve_network(network, inputs, hx, Sequential(kernel="fused"), throw=False, forward_error="estimate",
+                           lengths=lengths)
     return Comparison(
         forward_error=forward_error,
         predictability=along,

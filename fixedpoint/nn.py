@@ -41,6 +41,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from fixedpoint.adjoint import ADJOINT_METHODS, AdjointMethod, adjoint_states, resolve_adjoint_method, solution_gradients
 from fixedpoint.cells import CELL_TYPES, Cell
 from fixedpoint.errors import InputError
+from fixedpoint.lengths import last_states, reversal_within, reversed_within
 from fixedpoint.runtime import true_float32
 from fixedpoint.solve import solve
 from fixedpoint.solvers import SOLVERS, Auto, Sequential, Solver
@@ -158,7 +159,7 @@ class SolvedLayer(torch.autograd.Function):
         ctx.lengths = lengths
         hidden, final = solution.hidden, solution.final_state
         if lengths is not None:  # each sample's last real position; what follows is padding
-            final = solution.value[lengths - 1, torch.arange(lengths.shape[0], device=lengths.device)]
+            final = last_states(solution.value, lengths)
         # Inside forward autograd is always off: ``grad_enabled`` says whether it was on at the call.
         if grad_enabled and any(ctx.needs_input_grad):
             states = solution.value
@@ -364,20 +365,20 @@ class _Solved:
             return self._torch_type.forward(self, packed, hx)  # type: ignore[arg-type]
         directions = 2 if self.bidirectional else 1
         layer_input = input.transpose(0, 1) if batch_first else input  # (T, B, ·)
-        reverse_order = None if lengths is None else _reversal_within(lengths, layer_input.shape[0])
+        reverse_order = None if lengths is None else reversal_within(lengths, layer_input.shape[0])
         finals = []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
                 weights = [getattr(self, f"{kind}{suffix}", None) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-                sequence = _reversed(layer_input, reverse_order) if direction else layer_input
+                sequence = reversed_within(layer_input, reverse_order) if direction else layer_input
                 state = initial[layer * directions + direction]
                 if through_kernel:
                     hidden, final = _fused_layer(options, sequence, state, weights)
                 else:
                     hidden, final = SolvedLayer.apply(options, torch.is_grad_enabled(), lengths, sequence, state, *weights)
-                outputs.append(_reversed(hidden, reverse_order) if direction else hidden)
+                outputs.append(reversed_within(hidden, reverse_order) if direction else hidden)
                 finals.append(final)
             layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
             if self.dropout and self.training and layer + 1 < self.num_layers:
@@ -394,20 +395,6 @@ class _Solved:
         if self._kind == "lstm":
             return output, (h_n, final_states[..., self.hidden_size :].contiguous())
         return output, h_n
-
-
-def _reversal_within(lengths: Tensor, steps: int) -> Tensor:
-    """``(T, B)`` positions that run each sample's first ``lengths[b]`` positions backwards and
-    leave its padding in place (an involution: applying it twice is the identity)."""
-    positions = torch.arange(steps, device=lengths.device).unsqueeze(1)
-    return torch.where(positions < lengths, lengths - 1 - positions, positions)
-
-
-def _reversed(sequence: Tensor, order: Tensor | None) -> Tensor:
-    """``sequence (T, B, F)`` in reverse time: whole (``order`` None) or within each sample's length."""
-    if order is None:
-        return sequence.flip(0)
-    return sequence.gather(0, order.unsqueeze(-1).expand_as(sequence))
 
 
 def _packed_like(packed: PackedSequence, padded: Tensor) -> PackedSequence:

@@ -39,13 +39,14 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from fixedpoint.cells import all_finite, check_floating
 from fixedpoint.errors import InputError, NoConvergence
+from fixedpoint.lengths import check_lengths, last_states, padding_mask, reversal_within, reversed_within
 from fixedpoint.network import Network
 from fixedpoint.residual import measure
 from fixedpoint.runtime import true_float32
@@ -631,6 +632,7 @@ def solve_network(
     callback: Callable[[int, int, int, Tensor, Tensor], None] | None = None,
     certify: Norm | None = None,
     forward_error: ForwardError | None = None,
+    lengths: Tensor | Sequence[int] | None = None,
 ) -> NetworkSolution:
     """Solve every layer and direction of ``network`` on ``inputs``, like ``module(inputs, hx)``.
 
@@ -642,6 +644,12 @@ def solve_network(
         solver, max_steps, throw, certify, forward_error: as for :func:`solve`, per layer and
             direction (each layer's forward error is estimated for the inputs it was given).
         callback: ``callback(layer, direction, iteration, iterate, image)``.
+        lengths: ``(B,)`` real positions per sample of a batch padded at the end
+            (:mod:`fixedpoint.lengths`), as ``torch.nn`` takes a ``PackedSequence``: each
+            sample's final state is at its own last position, the reverse direction starts
+            there, and the outputs past a sample's end are 0 (as ``pad_packed_sequence`` gives).
+            The padded positions are evaluated like the others (their inputs are whatever the
+            padding holds) and discarded.
 
     The reverse direction is the same system on the time-reversed input.  Layer ``l + 1``
     takes the solved outputs of layer ``l``, so it starts only when layer ``l`` is done.
@@ -652,6 +660,9 @@ def solve_network(
     sequence = inputs.transpose(0, 1) if network.batch_first else inputs
     batch = sequence.shape[1]
     initial = _initial_states(network, hx, batch)
+    if lengths is not None:
+        lengths = check_lengths(lengths, sequence.shape[0], batch, sequence.device)
+    reverse_order = None if lengths is None else reversal_within(lengths, sequence.shape[0])
     _synchronize(sequence.device)
     started = time.perf_counter()
     layers: list[list[Solution]] = []
@@ -662,7 +673,7 @@ def solve_network(
         outputs = []
         for direction, cell in enumerate(layer):
             index = layer_index * network.num_directions + direction
-            direction_input = layer_input.flip(0) if direction else layer_input
+            direction_input = reversed_within(layer_input, reverse_order) if direction else layer_input
             system = SequenceSystem.build(cell, direction_input, initial[index], check_finite=False)  # checked above
             hook = None
             if callback is not None:
@@ -673,8 +684,8 @@ def solve_network(
             )
             solutions.append(solution)
             hidden = solution.hidden
-            outputs.append(hidden.flip(0) if direction else hidden)
-            finals.append(solution.final_state)
+            outputs.append(reversed_within(hidden, reverse_order) if direction else hidden)
+            finals.append(solution.final_state if lengths is None else last_states(solution.value, lengths))
         layers.append(solutions)
         layer_input = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
     _synchronize(sequence.device)
@@ -682,6 +693,8 @@ def solve_network(
     wall_time = time.perf_counter() - started - sum(s.stats.certify_time for layer in layers for s in layer)
     final_states = torch.stack(finals)  # (L·D, B, S)
     hidden_size = network.hidden_size
+    if lengths is not None:
+        layer_input = layer_input * padding_mask(lengths, layer_input.shape[0])
     output = layer_input.transpose(0, 1) if network.batch_first else layer_input
     c_n = final_states[..., hidden_size:] if network.kind == "lstm" else None
     return NetworkSolution(output, final_states[..., :hidden_size], c_n, layers, wall_time)

@@ -436,3 +436,19 @@ def test_check_states_the_prediction_when_nothing_is_certified(capsys):
     assert code == 0
     assert "not certified" in verdict and "estimated: predictable (λ -" in verdict
     assert "Picard about" in verdict and "of at most 200" in verdict
+
+
+@pytest.mark.parametrize("solver", ["picard", "quasi-newton", "auto"])
+def test_solve_with_variable_lengths_matches_packed_torch_nn(capsys, solver):
+    code, report = run_json(capsys, "--cell", "lstm", "--hidden", "6", "--seq-len", "30", "--batch", "3",
+                            "--layers", "2", "--bidirectional", "--lengths", "30,11,2", "--solver", solver)
+    assert code == 0 and report["converged"]
+    assert report["lengths"] == [30, 11, 2]
+    assert report["max_abs_diff"] <= 1e-10
+
+
+@pytest.mark.parametrize(("lengths", "message"), [("30,11", "one entry per sample"), ("31,11,2", "1 … T = 30"),
+                                                 ("30,0,2", "positive integers"), ("3,a,2", "positive integers")])
+def test_solve_refuses_lengths_that_do_not_fit(capsys, lengths, message):
+    line = run_error(capsys, "--cell", "gru", "--hidden", "4", "--seq-len", "30", "--batch", "3", "--lengths", lengths)
+    assert message in line

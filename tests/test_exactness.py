@@ -13,7 +13,8 @@ from torch import nn
 
 from conftest import BOUNDS, CELL_IDS, CELLS, generator, make_hx, max_diff, randn, reference
 from fixedpoint import (
-    Anderson, Auto, Network, Newton, Picard, QuasiNewton, SequenceSystem, Sequential, load_network, solve, solve_network,
+    Anderson, Auto, InputError, Network, Newton, Picard, QuasiNewton, SequenceSystem, Sequential, load_network, solve,
+    solve_network,
 )
 
 SOLVERS = [
@@ -249,6 +250,40 @@ def test_solves_and_modules_compute_in_true_float32_whatever_the_process_chose()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved[0]
         torch._C._set_cudnn_allow_tf32(saved[1])
+
+
+# -- variable lengths ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("solver", [Picard(), QuasiNewton(), Newton(), Anderson(), Sequential()],
+                         ids=["picard", "quasi-newton", "newton", "anderson", "sequential"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_variable_lengths_match_packed_torch_nn(kind, nonlinearity, solver, batch_first):
+    # lengths: each sample's system ends at its own length, as torch.nn's PackedSequence path.
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    network = random_network(kind, nonlinearity, seed=31, num_layers=2, bidirectional=True)
+    network = Network(network.cells, batch_first=batch_first)
+    lengths = torch.tensor([3, 9, 1, 6])
+    inputs = randn(9, 4, INPUT_SIZE, seed=32)
+    inputs = inputs.transpose(0, 1) if batch_first else inputs
+    hx = make_hx(network, 4, seed=33)
+    solution = solve_network(network, inputs, hx, solver, lengths=lengths)
+    module = network.to_torch()
+    with torch.no_grad():
+        output, final = module(pack_padded_sequence(inputs, lengths, batch_first=batch_first, enforce_sorted=False), hx)
+    output, _ = pad_packed_sequence(output, batch_first=batch_first, total_length=9)
+    h_n, c_n = final if isinstance(final, tuple) else (final, None)
+    assert solution.converged
+    assert max_diff(solution, (output, h_n, c_n)) <= BOUNDS[torch.float64]
+
+
+def test_variable_lengths_are_validated():
+    network = random_network("gru", "tanh", seed=1)
+    inputs = randn(5, 3, INPUT_SIZE, seed=2)
+    for lengths, message in (([5, 4], "one entry per sample"), ([5, 6, 1], "1 … T"), ([5, 0, 1], "1 … T"),
+                             (torch.tensor([5.0, 4.0, 1.0]), "integers")):
+        with pytest.raises(InputError, match=message):
+            solve_network(network, inputs, lengths=lengths)
 
 
 # -- CUDA (skipped without a device) ------------------------------------------------------------------
