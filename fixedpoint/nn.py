@@ -135,7 +135,8 @@ class SolvedLayer(torch.autograd.Function):
 
     Forward: the solve.  Backward: the adjoint recurrence at the saved solution ``S*`` and one
     vector–Jacobian product of ``F``; only ``S*``, the inputs and the weights are saved.  Both run
-    in the weights' dtype (autocast off) and support one backward pass, not double backward.
+    in the weights' dtype (autocast off).  With ``create_graph=True`` (double backward) the
+    backward is the recurrence rerun under autograd instead (:func:`_differentiable_backward`).
     """
 
     @staticmethod
@@ -171,11 +172,8 @@ class SolvedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, hidden_gradient: Tensor, final_gradient: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "fixedpoint.nn modules support one backward pass, not double backward "
-                "(create_graph=True, e.g. a gradient penalty); use the torch.nn module for that"
-            )
+        if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
+            return (None, None, None, *_differentiable_backward(ctx, hidden_gradient, final_gradient))
         inputs, initial_state, states, weight_ih, weight_hh, bias_ih, bias_hh = ctx.saved_tensors
         options: LayerOptions = ctx.options
         with _in_weights_dtype(inputs):
@@ -192,6 +190,34 @@ class SolvedLayer(torch.autograd.Function):
             adjoint = adjoint_states(system, states, state_gradients, method=options.adjoint)
             gradients = solution_gradients(system, states, adjoint, ctx.needs_input_grad[3:])
         return (None, None, None, *gradients)
+
+
+def _differentiable_backward(ctx: Any, hidden_gradient: Tensor, final_gradient: Tensor) -> list[Tensor | None]:
+    """The layer's gradients as a differentiable function of its inputs and weights, for double
+    backward (``create_graph=True``: gradient penalties, Hessian–vector products): the recurrence
+    is run again step by step under autograd from the saved inputs — its states are the solution,
+    to the solve's tolerance — and differentiated with ``create_graph=True``.  The adjoint
+    recurrence is not differentiable; this costs a sequential pass, only when asked for."""
+    inputs, initial_state, _, weight_ih, weight_hh, bias_ih, bias_hh = ctx.saved_tensors
+    leaves = (inputs, initial_state, weight_ih, weight_hh, bias_ih, bias_hh)
+    wanted = [i for i, (leaf, need) in enumerate(zip(leaves, ctx.needs_input_grad[3:])) if need and leaf is not None]
+    with _in_weights_dtype(inputs):
+        cell = ctx.options.cell(weight_ih, weight_hh, bias_ih, bias_hh)
+        projected = cell.input_projection(inputs)
+        state, states = initial_state, []
+        for t in range(inputs.shape[0]):
+            state = cell.step(state, projected[t])
+            states.append(state)
+        trajectory = torch.stack(states)
+        final = trajectory[-1] if ctx.lengths is None else last_states(trajectory, ctx.lengths)
+        found = torch.autograd.grad(
+            (cell.hidden_of(trajectory), final), [leaves[i] for i in wanted], (hidden_gradient, final_gradient),
+            create_graph=True, allow_unused=True,
+        )
+    gradients: list[Tensor | None] = [None] * len(leaves)
+    for i, gradient in zip(wanted, found):
+        gradients[i] = torch.zeros_like(leaves[i]) if gradient is None else gradient
+    return gradients
 
 
 def _fused_layer(

@@ -674,12 +674,41 @@ def test_output_may_be_modified_in_place_before_backward(kind, solver):
     assert (gradients[0] - gradients[1]).abs().max().item() <= 1e-12
 
 
-def test_double_backward_is_refused_not_silently_wrong():
-    _, solved = make_pair("gru")
-    x = randn(5, 2, 3, seed=1).requires_grad_()
-    output, _ = solved(x)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(output.square().sum(), x, create_graph=True)
+@pytest.mark.parametrize("cell", CELLS, ids=CELL_IDS)
+@pytest.mark.parametrize("adjoint", ["auto", "sequential", "quasi-newton"])
+def test_double_backward_matches_torch_nn(cell, adjoint):
+    # A gradient penalty: the gradient of ‖∂L/∂x‖² with respect to the inputs and every
+    # parameter, through the backward pass (create_graph=True), as torch.nn computes it.
+    kind, nonlinearity = cell
+    reference, solved = make_pair(kind, nonlinearity, num_layers=2, bidirectional=True, solver="picard",
+                                  adjoint=adjoint)
+    inputs = randn(6, 2, 3, seed=1)
+    results = []
+    for module in (reference, solved):
+        x = inputs.clone().requires_grad_()
+        output, _ = module(x)
+        (gradient,) = torch.autograd.grad((output * torch.linspace(-1, 1, output.numel(), dtype=output.dtype)
+                                           .view_as(output)).sum(), x, create_graph=True)
+        penalty = gradient.square().sum()
+        results.append(torch.autograd.grad(penalty, [x, *module.parameters()]))
+    for expected, got in zip(*results):
+        assert (expected - got).abs().max().item() <= 1e-10 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_gradgradcheck_of_a_layer(kind):
+    # torch.autograd.gradgradcheck on the default module (adjoint="auto"), float64.
+    _, solved = make_pair(kind, hidden_size=2, solver="quasi-newton")
+    inputs = randn(4, 2, 3, seed=2).requires_grad_()
+    hx = 0.3 * randn(1, 2, 2, seed=3)
+    hx = (hx.requires_grad_(), (0.3 * randn(1, 2, 2, seed=4)).requires_grad_()) if kind == "lstm" else hx.requires_grad_()
+
+    def layer(x, *states):
+        output, _ = solved(x, states if kind == "lstm" else states[0])
+        return output
+
+    states = hx if kind == "lstm" else (hx,)
+    assert torch.autograd.gradgradcheck(layer, (inputs, *states))
 
 
 def test_autocast_does_not_change_the_solve():
