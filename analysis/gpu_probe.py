@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,20 +25,13 @@ from fixedpoint import Network, QuasiNewton, SequenceSystem, solve  # noqa: E402
 from fixedpoint.data import gaussian_inputs  # noqa: E402
 from fixedpoint.scan import linear_recurrence, linear_recurrence_torch  # noqa: E402
 
+from bench import _median_seconds as median_seconds  # noqa: E402  (analysis/bench.py, beside this file)
+
 
 def seconds(device: torch.device, function, repeats: int = 10) -> float:  # type: ignore[no-untyped-def]
     """Median wall time of ``function`` after one warm-up call, synchronised on CUDA."""
     function()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return median_seconds(device, function, repeats)
 
 
 def copy_bandwidth(device: torch.device, size: int) -> float:

@@ -245,24 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _lengths(text: str) -> tuple[int, ...]:
-    try:
-        lengths = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 512,300,17, got {text!r}") from None
-    if not lengths or min(lengths) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 512,300,17, got {text!r}")
-    return lengths
+def _positive_integers(example: str):  # type: ignore[no-untyped-def]
+    """An argparse type: comma-separated positive integers such as ``example``."""
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as {example}, got {text!r}")
+        return values
+
+    return parse
 
 
-def _depths(text: str) -> tuple[int, ...]:
-    try:
-        depths = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,2,4,8, got {text!r}") from None
-    if not depths or min(depths) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,2,4,8, got {text!r}")
-    return depths
+_lengths = _positive_integers("512,300,17")
+_depths = _positive_integers("1,2,4,8")
 
 
 # -- option resolution ---------------------------------------------------------------------------

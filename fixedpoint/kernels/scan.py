@@ -74,6 +74,19 @@ def _diagonal_kernel(
 
 
 @triton.jit
+def _load_block2(a_ptr, b_ptr, t, lanes, pairs, size, first, second, mask):
+    """``A_t``'s 2×2 blocks and ``b_t``'s pairs for the lanes; past the end ``A = I``, ``b = 0``."""
+    block = a_ptr + (t * pairs + lanes) * 4
+    a00 = tl.load(block, mask=mask, other=1.0)
+    a01 = tl.load(block + 1, mask=mask, other=0.0)
+    a10 = tl.load(block + 2, mask=mask, other=0.0)
+    a11 = tl.load(block + 3, mask=mask, other=1.0)
+    b0 = tl.load(b_ptr + t * size + first, mask=mask, other=0.0)
+    b1 = tl.load(b_ptr + t * size + second, mask=mask, other=0.0)
+    return a00, a01, a10, a11, b0, b1
+
+
+@triton.jit
 def _block2_kernel(
     a_ptr, b_ptr, out_ptr, maps_a_ptr, maps_b_ptr, carry_ptr, steps, pairs, half,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr, SUMMARISE: tl.constexpr,
@@ -95,13 +108,7 @@ def _block2_kernel(
         for i in range(CHUNK):
             t = _position(chunk, i, steps, CHUNK, REVERSE)
             mask = in_range & (chunk.to(tl.int64) * CHUNK + i < steps)
-            block = a_ptr + (t * pairs + lanes) * 4
-            a00 = tl.load(block, mask=mask, other=1.0)
-            a01 = tl.load(block + 1, mask=mask, other=0.0)
-            a10 = tl.load(block + 2, mask=mask, other=0.0)
-            a11 = tl.load(block + 3, mask=mask, other=1.0)
-            b0 = tl.load(b_ptr + t * size + first, mask=mask, other=0.0)
-            b1 = tl.load(b_ptr + t * size + second, mask=mask, other=0.0)
+            a00, a01, a10, a11, b0, b1 = _load_block2(a_ptr, b_ptr, t, lanes, pairs, size, first, second, mask)
             p00, p01, p10, p11 = a00 * p00 + a01 * p10, a00 * p01 + a01 * p11, a10 * p00 + a11 * p10, a10 * p01 + a11 * p11
             v0, v1 = a00 * v0 + a01 * v1 + b0, a10 * v0 + a11 * v1 + b1
         maps = maps_a_ptr + (chunk.to(tl.int64) * pairs + lanes) * 4
@@ -117,13 +124,7 @@ def _block2_kernel(
         for i in range(CHUNK):
             t = _position(chunk, i, steps, CHUNK, REVERSE)
             mask = in_range & (chunk.to(tl.int64) * CHUNK + i < steps)
-            block = a_ptr + (t * pairs + lanes) * 4
-            a00 = tl.load(block, mask=mask, other=1.0)
-            a01 = tl.load(block + 1, mask=mask, other=0.0)
-            a10 = tl.load(block + 2, mask=mask, other=0.0)
-            a11 = tl.load(block + 3, mask=mask, other=1.0)
-            b0 = tl.load(b_ptr + t * size + first, mask=mask, other=0.0)
-            b1 = tl.load(b_ptr + t * size + second, mask=mask, other=0.0)
+            a00, a01, a10, a11, b0, b1 = _load_block2(a_ptr, b_ptr, t, lanes, pairs, size, first, second, mask)
             y0, y1 = a00 * y0 + a01 * y1 + b0, a10 * y0 + a11 * y1 + b1
             tl.store(out_ptr + t * size + first, y0, mask=mask)
             tl.store(out_ptr + t * size + second, y1, mask=mask)
