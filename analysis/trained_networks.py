@@ -1,8 +1,8 @@
 """Trained networks as a study set: every solver, the predictions beside what happened, forward errors.
 
-For each trained network of :mod:`fixedpoint.trained` on real inputs — speech synthesised with
-espeak-ng (the Debian package), resampled to 16 kHz, B utterances of different voices and
-texts — and each dtype: iterations, result, time against ``torch.nn`` (same process, medians),
+For each trained network of :mod:`fixedpoint.trained` on real inputs — for silero-vad speech
+synthesised with espeak-ng (the Debian package) at the model's rate, B utterances of different
+voices and texts; for g2p-en the package's own word list — and each dtype: iterations, result, time against ``torch.nn`` (same process, medians),
 the largest error against the float64 sequential loop, the forward-error estimate, and the
 predictability estimates before solving (256-step prefix) and along the solution, beside the
 observed iteration counts.  ``torch.nn``'s own float32 output gets the same error measurement.
@@ -11,14 +11,18 @@ Before anything else it checks the loading: the network, with the package's enco
 must reproduce the package's own model output on the same audio.
 
 Writes ``figures/trained_networks.json``, ``figures/trained_networks.png`` and the generated part
-of ``docs/trained_networks.md``.  Needs ``pip install --no-deps silero-vad`` and espeak-ng.
+of ``docs/trained_networks.md``.  Needs the ``trained`` extra (silero-vad, g2p-en) and espeak-ng.
+``--networks`` measures a subset and keeps the other networks' earlier results.  Of a
+bidirectional network the forward direction's LSTM is studied (the loading check covers both).
 
-    python analysis/trained_networks.py [--quick] [--out DIR] [--budget SECONDS]
+    python analysis/trained_networks.py [--quick] [--out DIR] [--budget SECONDS] [--networks silero-16k,g2p-en]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import shutil
 import statistics
 import subprocess
@@ -32,12 +36,14 @@ import torch
 from scipy.signal import resample_poly
 
 from _common import add_output_arguments, metadata, output_directory, write_and_reload, write_generated_section
-from fixedpoint import Anderson, Newton, Picard, QuasiNewton, SequenceSystem, solve
+from fixedpoint import Anderson, Network, Newton, Picard, QuasiNewton, SequenceSystem, solve
 from fixedpoint.forward_error import forward_error_estimate
 from fixedpoint.plotting import plot_trained_networks
 from fixedpoint.predictability import predictability
 from fixedpoint.solvers import Sequential
-from fixedpoint.trained import SILERO_CHUNK, SILERO_RATE, SileroVAD, package_file
+from fixedpoint.trained import (
+    SILERO_CHUNK, SILERO_RATE, G2pEnglish, G2pMandarin, SileroVAD, g2p_en_words, g2pm_words, package_file,
+)
 
 UTTERANCES = [
     ("en-us", 160, "Parallel evaluation of a recurrent network treats the whole sequence as one system of "
@@ -109,8 +115,45 @@ def timed(function, repeats: int = 3) -> tuple[object, float]:
     return value, statistics.median(times)
 
 
-def study(vad: SileroVAD, features: torch.Tensor, dtype: torch.dtype, budget: float) -> dict:
-    network = vad.network(dtype)
+def check_g2p_en_loading(encoder: G2pEnglish, words: list[str], steps: int) -> float:
+    """Largest difference between the package's own NumPy GRU (``G2p.gru``, on its own embedding
+    of the same tokens) and ``torch.nn.GRU`` with the weights read here, float32."""
+    import g2p_en.g2p as package  # prints nltk's failed downloads offline; the encoder needs none
+
+    theirs = package.G2p.__new__(package.G2p)  # without __init__, which loads nltk's dictionary
+    theirs.load_variables()
+    ids = np.array(encoder.token_ids(words)[:steps])
+    reference = theirs.gru(theirs.enc_emb[ids][None], steps, theirs.enc_w_ih, theirs.enc_w_hh, theirs.enc_b_ih,
+                           theirs.enc_b_hh, h0=np.zeros((1, 256), np.float32))
+    with torch.no_grad():
+        hidden, _ = encoder.network().to_torch()(encoder.features([words], steps))
+    return float(np.abs(hidden[:, 0].numpy() - reference[0]).max())
+
+
+def check_g2pm_loading(model: G2pMandarin, words: list[str], steps: int) -> float:
+    """Largest difference between the package's own NumPy LSTM cells (``G2pM.fw_lstm_cell`` and
+    ``bw_lstm_cell``, on its own embedding of the same characters) and ``torch.nn.LSTM`` with the
+    weights read here, float32, both directions."""
+    from g2pM import G2pM
+
+    theirs = G2pM()
+    ids = np.array(model.token_ids(words)[:steps])
+    forward = theirs.get_embedding(ids[None])
+    backward = forward[:, ::-1]
+    fw, bw, fw_states, bw_states = [], [], None, None
+    for t in range(steps):
+        fw_states = theirs.fw_lstm_cell(forward[:, t], fw_states)
+        bw_states = theirs.bw_lstm_cell(backward[:, t], bw_states)
+        fw.append(fw_states[0][0])
+        bw.append(bw_states[0][0])
+    reference = np.concatenate([np.stack(fw), np.stack(bw)[::-1]], axis=-1)
+    with torch.no_grad():
+        output, _ = model.network().to_torch()(model.features([words], steps))
+    return float(np.abs(output[:, 0].numpy() - reference).max())
+
+
+def study(network_of, features: torch.Tensor, dtype: torch.dtype, budget: float) -> dict:  # type: ignore[no-untyped-def]
+    network = network_of(dtype)
     cell = network.cells[0][0]
     inputs = features.to(dtype)
     system = SequenceSystem.build(cell, inputs)
@@ -176,9 +219,10 @@ def write_doc(data: dict) -> None:
     lines = [f"## Measured ({meta['date'][:10]}, {meta['platform']}, torch {meta['torch']}, "
              f"{meta['torch_threads']} thread(s))", ""]
     for network in data["networks"]:
-        lines += [f"### {network['name']}", "", f"Loading check: the package's own model and this reconstruction "
-                  f"differ by at most {network['loading_check']:.1e} in speech probability over "
-                  f"{network['loading_steps']} chunks (float32).", ""]
+        quantity = network.get("loading_quantity", "speech probability")
+        lines += [f"### {network['name']} (measured {network.get('date', meta['date'][:10])})", "", f"Inputs: {network.get('inputs', 'espeak-ng speech')}. Loading check: "
+                  f"the package's own model and this reconstruction differ by at most {network['loading_check']:.1e} "
+                  f"in {quantity} over {network['loading_steps']} steps (float32).", ""]
         for problem in network["problems"]:
             lam = max(problem["lyapunov"])
             lines += [f"**{problem['dtype']}, T = {problem['seq_len']}, B = {problem['batch']}** — largest Lyapunov "
@@ -203,36 +247,84 @@ def write_doc(data: dict) -> None:
     write_generated_section("trained_networks.md", "analysis/trained_networks.py", lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_output_arguments(parser)
-    parser.add_argument("--budget", type=float, default=60.0, help="seconds per solve before it is stopped (60)")
-    args = parser.parse_args()
-    out = output_directory(args, "trained-")
-    seq_len, batch = (64, 2) if args.quick else (500, 4)
-    networks = []
-    for rate in (16000, 8000):
+#: The study set: name → what ``main`` measures.
+NETWORKS = ("silero-16k", "silero-8k", "g2p-en", "g2pm")
+
+
+def measure(key: str, seq_len: int, batch: int, budget: float) -> dict:
+    """Load one network, check the loading against its package, and study it in both dtypes."""
+    if key.startswith("silero"):
+        rate = 16000 if key == "silero-16k" else 8000
         vad = SileroVAD.from_package(rate)
         with tempfile.TemporaryDirectory() as workdir:
             audio = synthesise(seq_len, batch, Path(workdir), rate, vad.layout.chunk)
         loading = check_loading(vad, audio)
-        name = f"silero-vad {rate // 1000} kHz LSTM (I = H = 128)"
-        print(f"{name}: package model against the reconstruction: {loading:.2e}", flush=True)
-        features = vad.features(audio)
-        problems = []
-        for dtype in (torch.float64, torch.float32):
-            print(f"{name}, {dtype}, T = {seq_len}, B = {batch}", flush=True)
-            problems.append(study(vad, features, dtype, args.budget))
-        networks.append({"name": name, "loading_check": loading, "loading_steps": seq_len, "problems": problems})
+        name, network_of, features = f"silero-vad {rate // 1000} kHz LSTM (I = H = 128)", vad.network, vad.features(audio)
+        inputs = "espeak-ng speech, silero-vad's encoder"
+        check = "speech probability"
+    elif key == "g2pm":
+        model = G2pMandarin.from_package()
+        words = g2pm_words()
+        samples = [words[index::batch] for index in range(batch)]
+        loading = check_g2pm_loading(model, samples[0], seq_len)
+        def network_of(dtype: torch.dtype) -> Network:  # the forward direction alone
+            return Network(((model.network(dtype).cells[0][0],),))
+
+        name, features = "g2pM BiLSTM, forward direction (I = 64, H = 32)", model.features(samples, seq_len)
+        inputs = "the characters of g2pM's own dictionary (digest_cedict.pkl) in the file's order: real characters, not sentences"
+        check = "hidden state, both directions"
+    else:
+        encoder = G2pEnglish.from_package()
+        words = g2p_en_words()
+        samples = [words[index::batch] for index in range(batch)]  # B streams of the package's words
+        loading = check_g2p_en_loading(encoder, samples[0], seq_len)
+        name, network_of, features = "g2p-en encoder GRU (I = H = 256)", encoder.network, encoder.features(samples, seq_len)
+        inputs = "g2p-en's own word list (homographs.en), each word's letters and </s>, back to back"
+        check = "encoder state"
+    print(f"{name}: package model against the reconstruction: {loading:.2e}", flush=True)
+    problems = []
+    for dtype in (torch.float64, torch.float32):
+        print(f"{name}, {dtype}, T = {seq_len}, B = {batch}", flush=True)
+        problems.append(study(network_of, features, dtype, budget))
+    return {"key": key, "name": name, "inputs": inputs, "loading_check": loading, "loading_quantity": check,
+            "loading_steps": seq_len, "problems": problems, "date": datetime.date.today().isoformat()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_output_arguments(parser)
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds per solve before it is stopped (60)")
+    parser.add_argument("--networks", default=",".join(NETWORKS),
+                        help=f"comma-separated subset of {','.join(NETWORKS)}; the others keep their earlier results")
+    args = parser.parse_args()
+    chosen = [key for key in args.networks.split(",") if key]
+    unknown = sorted(set(chosen) - set(NETWORKS))
+    if unknown:
+        parser.error(f"unknown networks {unknown}; choose from {','.join(NETWORKS)}")
+    out = output_directory(args, "trained-")
+    seq_len, batch = (64, 2) if args.quick else (500, 4)
+    previous_path = out / "trained_networks.json"
+    earlier = {}
+    if previous_path.exists() and not args.quick:
+        previous = json.loads(previous_path.read_text())
+        earlier = {entry.get("key", _key_of(entry["name"])): {"date": previous["meta"]["date"][:10], **entry}
+                   for entry in previous["networks"]}
+    measured = {key: measure(key, seq_len, batch, args.budget) for key in chosen}
+    networks = [measured[key] if key in measured else earlier[key] for key in NETWORKS if key in measured or key in earlier]
     data = {
         "meta": metadata("analysis/trained_networks.py", args.quick, {"seq_len": seq_len, "batch": batch},
-                         inputs="espeak-ng speech at the model's rate, silero-vad's encoder", budget_seconds=args.budget),
+                         inputs="per network (its 'inputs')", budget_seconds=args.budget),
         "networks": networks,
     }
     data = write_and_reload(out / "trained_networks.json", data)
     plot_trained_networks(data, out / "trained_networks.png")
     if not args.quick and args.out is None:
         write_doc(data)
+
+
+def _key_of(name: str) -> str:
+    """The key of a network named in an earlier file that predates keys."""
+    return "silero-16k" if "16 kHz" in name else "silero-8k" if "8 kHz" in name else name
 
 
 if __name__ == "__main__":

@@ -13,11 +13,24 @@ distribution (:mod:`importlib.metadata`, without importing the package) and pars
   :class:`~fixedpoint.network.Network` (``torch.nn.LSTM``'s gate order, which the package's
   ``LSTMCell`` shares); :meth:`SileroVAD.speech_probability` is its head.  ``analysis/
   trained_networks.py`` checks the whole against the package's own TorchScript model.
+- ``g2p-en`` (Apache-2.0 licence): English grapheme-to-phoneme conversion.  Its file
+  ``g2p_en/checkpoint20.npz`` holds a 256-unit GRU encoder over character embeddings (in
+  ``torch.nn.GRU``'s layout and gate order ``r, z, n``) and a GRU decoder.  :class:`G2pEnglish`
+  holds the encoder: :meth:`G2pEnglish.network` is the GRU, :meth:`G2pEnglish.features` embeds
+  words as the package does (each word's letters, then ``</s>``), back to back; the package's
+  own word list (``g2p_en/homographs.en``) supplies real words.  ``analysis/trained_networks.py``
+  checks the encoder against the package's own NumPy GRU.
+- ``g2pM`` (Apache-2.0 licence): Mandarin polyphone disambiguation.  Its file ``g2pM/np_ckpt.pkl``
+  holds a bidirectional LSTM (``I = 64``, ``H = 32``, ``torch.nn.LSTM``'s names and gate order)
+  over character embeddings.  :class:`G2pMandarin` holds it; real inputs are the Chinese words of
+  the package's own dictionary (``g2pM/digest_cedict.pkl``), their characters back to back.  The
+  pickle files are read with an unpickler that admits NumPy arrays, dicts, lists and strings only.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,3 +188,174 @@ class SileroVAD:
         weight = self.weights["final_conv.weight"][:, :, 0].to(hidden.dtype)
         bias = self.weights["final_conv.bias"].to(hidden.dtype)
         return torch.sigmoid(torch.relu(hidden) @ weight.T + bias).squeeze(-1)
+
+
+# -- g2p-en ---------------------------------------------------------------------------------------
+_G2P_EN_FILE = "g2p_en/checkpoint20.npz"
+_G2P_EN_WORDS = "g2p_en/homographs.en"
+_G2P_EN_INSTALL = "pip install --no-deps g2p-en (its checkpoint file is all that is read)"
+#: The encoder's vocabulary, as the package lists it: padding, unknown, end of word, a–z.
+G2P_EN_GRAPHEMES = ("<pad>", "<unk>", "</s>", *"abcdefghijklmnopqrstuvwxyz")
+_G2P_EN_SHAPES = {"enc_emb": (29, 256), "enc_w_ih": (768, 256), "enc_w_hh": (768, 256),
+                  "enc_b_ih": (768,), "enc_b_hh": (768,)}
+
+
+@dataclass(frozen=True)
+class G2pEnglish:
+    """g2p-en's encoder: ``weights`` (float32) by the checkpoint's names, ``enc_emb (29, 256)``
+    and the GRU's ``enc_w_ih, enc_w_hh (768, 256)``, ``enc_b_ih, enc_b_hh (768,)``."""
+
+    weights: dict[str, Tensor]
+
+    def __post_init__(self) -> None:
+        for name, shape in _G2P_EN_SHAPES.items():
+            if name not in self.weights:
+                raise InputError(f"no array {name!r}: not g2p-en's checkpoint")
+            if tuple(self.weights[name].shape) != shape:
+                raise InputError(f"{name} has shape {tuple(self.weights[name].shape)}, expected {shape}")
+
+    @classmethod
+    def from_package(cls) -> "G2pEnglish":
+        """The encoder of the installed ``g2p-en`` package."""
+        return cls.from_npz(package_file("g2p-en", _G2P_EN_FILE, _G2P_EN_INSTALL))
+
+    @classmethod
+    def from_npz(cls, path: str | Path) -> "G2pEnglish":
+        """The encoder from a NumPy ``.npz`` file with g2p-en's names (no pickled objects are read)."""
+        import numpy as np
+
+        try:
+            arrays = np.load(str(path), allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise InputError(f"{path} is not a NumPy .npz file: {error}") from None
+        if not isinstance(arrays, np.lib.npyio.NpzFile):
+            raise InputError(f"{path} holds one array, not a NumPy .npz archive of g2p-en's arrays")
+        with arrays:
+            found = {name: torch.from_numpy(arrays[name].astype(np.float32)) for name in _G2P_EN_SHAPES if name in arrays}
+        return cls(found)
+
+    def network(self, dtype: torch.dtype = torch.float32) -> Network:
+        """The encoder GRU, one layer, ``I = H = 256``."""
+        state = {f"{key}_l0": self.weights[f"enc_{key.replace('weight', 'w').replace('bias', 'b')}"]
+                 for key in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        return Network.from_state_dict(state, kind="gru", dtype=dtype)
+
+    @staticmethod
+    def token_ids(words: list[str]) -> list[int]:
+        """The encoder's tokens for words back to back: each word's letters (anything else is
+        ``<unk>``), then ``</s>``, as the package encodes one word."""
+        index = {grapheme: i for i, grapheme in enumerate(G2P_EN_GRAPHEMES)}
+        ids: list[int] = []
+        for word in words:
+            ids += [index.get(char, index["<unk>"]) for char in word.lower()] + [index["</s>"]]
+        return ids
+
+    def features(self, samples: list[list[str]], steps: int) -> Tensor:
+        """The encoder's inputs ``(T, B, 256)`` float32: for each sample the embedded tokens of its
+        words (:meth:`token_ids`), the first ``steps`` of them."""
+        rows = []
+        for words in samples:
+            ids = self.token_ids(words)[:steps]
+            if len(ids) < steps:
+                raise InputError(f"{len(ids)} tokens for a sequence of {steps}: give more words")
+            rows.append(self.weights["enc_emb"][torch.tensor(ids)])
+        return torch.stack(rows, dim=1).contiguous()
+
+
+def g2p_en_words() -> list[str]:
+    """The headwords of the installed g2p-en's homograph list (``g2p_en/homographs.en``), in order."""
+    path = package_file("g2p-en", _G2P_EN_WORDS, _G2P_EN_INSTALL)
+    lines = path.read_text(encoding="utf8").splitlines()
+    return [line.split("|")[0].lower() for line in lines if line and not line.startswith("#")]
+
+
+# -- g2pM -----------------------------------------------------------------------------------------
+_G2PM_INSTALL = "pip install --no-deps g2pM (its checkpoint and dictionaries are all that is read)"
+_G2PM_SHAPES = {
+    "embedding.weight": (5398, 64),
+    **{f"lstm.{name}{suffix}": shape for suffix in ("", "_reverse")
+       for name, shape in (("weight_ih_l0", (128, 64)), ("weight_hh_l0", (128, 32)), ("bias_ih_l0", (128,)),
+                           ("bias_hh_l0", (128,)))},
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles NumPy arrays and built-in containers; refuses every other class (a pickle can
+    run code, so only the names an array's reconstruction needs are admitted)."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str):  # type: ignore[no-untyped-def]
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: only NumPy arrays are expected")
+
+
+def read_pickled_arrays(path: str | Path) -> object:
+    """A pickle file of NumPy arrays, dicts, lists and strings (:class:`_ArraysOnly`), or :class:`InputError`."""
+    try:
+        with open(path, "rb") as handle:
+            return _ArraysOnly(handle).load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise InputError(f"{path}: not a pickle of NumPy arrays ({error})") from None
+
+
+@dataclass(frozen=True)
+class G2pMandarin:
+    """g2pM's bidirectional LSTM: ``weights`` (float32) by the checkpoint's names (``torch.nn``'s,
+    with the prefixes ``embedding.`` and ``lstm.``) and its character index ``char2idx``."""
+
+    weights: dict[str, Tensor]
+    char2idx: dict[str, int]
+
+    def __post_init__(self) -> None:
+        for name, shape in _G2PM_SHAPES.items():
+            if name not in self.weights:
+                raise InputError(f"no array {name!r}: not g2pM's checkpoint")
+            if tuple(self.weights[name].shape) != shape:
+                raise InputError(f"{name} has shape {tuple(self.weights[name].shape)}, expected {shape}")
+        if "<UNK>" not in self.char2idx:
+            raise InputError("the character index has no '<UNK>': not g2pM's char2idx")
+
+    @classmethod
+    def from_package(cls) -> "G2pMandarin":
+        checkpoint = read_pickled_arrays(package_file("g2pM", "g2pM/np_ckpt.pkl", _G2PM_INSTALL))
+        index = read_pickled_arrays(package_file("g2pM", "g2pM/char2idx.pkl", _G2PM_INSTALL))
+        if not isinstance(checkpoint, dict) or not isinstance(index, dict):
+            raise InputError("g2pM's files do not hold dicts: not the expected package")
+        import numpy as np
+
+        weights = {name: torch.from_numpy(np.asarray(value, dtype=np.float32)) for name, value in checkpoint.items()
+                   if name in _G2PM_SHAPES}
+        return cls(weights, dict(index))
+
+    def network(self, dtype: torch.dtype = torch.float32) -> Network:
+        """The bidirectional LSTM, one layer, ``I = 64``, ``H = 32``."""
+        state = {name.removeprefix("lstm."): value for name, value in self.weights.items() if name.startswith("lstm.")}
+        return Network.from_state_dict(state, kind="lstm", dtype=dtype)
+
+    def token_ids(self, words: list[str]) -> list[int]:
+        """The characters of ``words`` back to back, by the package's index (``<UNK>`` if absent)."""
+        unknown = self.char2idx["<UNK>"]
+        return [self.char2idx.get(char, unknown) for word in words for char in word]
+
+    def features(self, samples: list[list[str]], steps: int) -> Tensor:
+        """The LSTM's inputs ``(T, B, 64)`` float32: each sample's embedded characters, the first ``steps``."""
+        rows = []
+        for words in samples:
+            ids = self.token_ids(words)[:steps]
+            if len(ids) < steps:
+                raise InputError(f"{len(ids)} characters for a sequence of {steps}: give more words")
+            rows.append(self.weights["embedding.weight"][torch.tensor(ids)])
+        return torch.stack(rows, dim=1).contiguous()
+
+
+def g2pm_words() -> list[str]:
+    """The words of the installed g2pM's dictionary (``g2pM/digest_cedict.pkl``) written in Chinese
+    characters only, in the file's order."""
+    dictionary = read_pickled_arrays(package_file("g2pM", "g2pM/digest_cedict.pkl", _G2PM_INSTALL))
+    if not isinstance(dictionary, dict):
+        raise InputError("g2pM's dictionary is not a dict: not the expected package")
+    return [word for word in dictionary if isinstance(word, str) and word and all("\u4e00" <= c <= "\u9fff" for c in word)]
