@@ -190,6 +190,26 @@ class SileroVAD:
         return torch.sigmoid(torch.relu(hidden) @ weight.T + bias).squeeze(-1)
 
 
+def check_arrays(weights: dict[str, Tensor], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """:class:`InputError` unless ``weights`` holds every name of ``shapes`` with that shape."""
+    for name, shape in shapes.items():
+        if name not in weights:
+            raise InputError(f"no array {name!r}: not {source}")
+        if tuple(weights[name].shape) != shape:
+            raise InputError(f"{name} has shape {tuple(weights[name].shape)}, expected {shape}")
+
+
+def embedded(table: Tensor, samples: list[list[int]], steps: int, unit: str) -> Tensor:
+    """``(T, B, E)``: the first ``steps`` rows of ``table`` each sample's ids pick, or
+    :class:`InputError` when a sample has fewer than ``steps`` ``unit``."""
+    rows = []
+    for ids in samples:
+        if len(ids) < steps:
+            raise InputError(f"{len(ids)} {unit} for a sequence of {steps}: give more words")
+        rows.append(table[torch.tensor(ids[:steps])])
+    return torch.stack(rows, dim=1).contiguous()
+
+
 # -- g2p-en ---------------------------------------------------------------------------------------
 _G2P_EN_FILE = "g2p_en/checkpoint20.npz"
 _G2P_EN_WORDS = "g2p_en/homographs.en"
@@ -208,11 +228,7 @@ class G2pEnglish:
     weights: dict[str, Tensor]
 
     def __post_init__(self) -> None:
-        for name, shape in _G2P_EN_SHAPES.items():
-            if name not in self.weights:
-                raise InputError(f"no array {name!r}: not g2p-en's checkpoint")
-            if tuple(self.weights[name].shape) != shape:
-                raise InputError(f"{name} has shape {tuple(self.weights[name].shape)}, expected {shape}")
+        check_arrays(self.weights, _G2P_EN_SHAPES, "g2p-en's checkpoint")
 
     @classmethod
     def from_package(cls) -> "G2pEnglish":
@@ -253,13 +269,7 @@ class G2pEnglish:
     def features(self, samples: list[list[str]], steps: int) -> Tensor:
         """The encoder's inputs ``(T, B, 256)`` float32: for each sample the embedded tokens of its
         words (:meth:`token_ids`), the first ``steps`` of them."""
-        rows = []
-        for words in samples:
-            ids = self.token_ids(words)[:steps]
-            if len(ids) < steps:
-                raise InputError(f"{len(ids)} tokens for a sequence of {steps}: give more words")
-            rows.append(self.weights["enc_emb"][torch.tensor(ids)])
-        return torch.stack(rows, dim=1).contiguous()
+        return embedded(self.weights["enc_emb"], [self.token_ids(words) for words in samples], steps, "tokens")
 
 
 def g2p_en_words() -> list[str]:
@@ -311,11 +321,7 @@ class G2pMandarin:
     char2idx: dict[str, int]
 
     def __post_init__(self) -> None:
-        for name, shape in _G2PM_SHAPES.items():
-            if name not in self.weights:
-                raise InputError(f"no array {name!r}: not g2pM's checkpoint")
-            if tuple(self.weights[name].shape) != shape:
-                raise InputError(f"{name} has shape {tuple(self.weights[name].shape)}, expected {shape}")
+        check_arrays(self.weights, _G2PM_SHAPES, "g2pM's checkpoint")
         if "<UNK>" not in self.char2idx:
             raise InputError("the character index has no '<UNK>': not g2pM's char2idx")
 
@@ -343,13 +349,7 @@ class G2pMandarin:
 
     def features(self, samples: list[list[str]], steps: int) -> Tensor:
         """The LSTM's inputs ``(T, B, 64)`` float32: each sample's embedded characters, the first ``steps``."""
-        rows = []
-        for words in samples:
-            ids = self.token_ids(words)[:steps]
-            if len(ids) < steps:
-                raise InputError(f"{len(ids)} characters for a sequence of {steps}: give more words")
-            rows.append(self.weights["embedding.weight"][torch.tensor(ids)])
-        return torch.stack(rows, dim=1).contiguous()
+        return embedded(self.weights["embedding.weight"], [self.token_ids(words) for words in samples], steps, "characters")
 
 
 def g2pm_words() -> list[str]:
