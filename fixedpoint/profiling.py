@@ -5,12 +5,15 @@ aten operations (≈ kernel launches) an iteration issues, how often it synchron
 (``bool(tensor)`` and ``.item()`` read a device value back through ``aten::_local_scalar_dense``;
 ``nonzero`` and boolean indexing must wait for an output size), and how many bytes its new tensors
 take (a proxy for memory traffic).  :class:`OperationCounter` counts them; ``make bench``
-reports them per solver.  Blind spot: ``.tolist()`` and ``.numpy()`` of a CPU tensor dispatch
+reports them per solver.  Triton kernels (the CUDA path, or Triton's interpreter under
+``FIXEDPOINT_KERNELS=triton``) are counted as one launch each, by name, and the aten operations
+the interpreter runs inside a launch are not counted.  Blind spot: ``.tolist()`` and ``.numpy()`` of a CPU tensor dispatch
 nothing, so a CPU count misses them (on CUDA they copy to the host and are counted).
 """
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from typing import Any
 
@@ -30,19 +33,61 @@ class OperationCounter(TorchDispatchMode):
         host_syncs: operations that read a device value or size back to the host, plus copies
             from another device to the CPU.
         allocated_bytes: bytes of every new output storage (views and ``out=`` writes excluded).
+        kernel_launches: ``Counter`` of Triton kernel launches by kernel name.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.operations: Counter[str] = Counter()
+        self.kernel_launches: Counter[str] = Counter()
         self.host_syncs = 0
         self.allocated_bytes = 0
+        self._in_launch = 0
+        self._patched: list[tuple[type, Any]] = []
+
+    def __enter__(self) -> "OperationCounter":
+        self._patch_triton()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for cls, run in self._patched:
+            cls.run = run
+        self._patched = []
+
+    def _patch_triton(self) -> None:
+        """Count launches of every Triton kernel class that can run here; Triton is imported
+        only where the kernels may serve (never on the plain CPU path)."""
+        from fixedpoint.kernels import kernel_choice, triton_available
+
+        if "triton" not in sys.modules and not (
+            triton_available() and (kernel_choice() == "triton" or torch.cuda.is_available())
+        ):
+            return
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        counter = self
+        for cls in (JITFunction, InterpretedFunction):
+            original = cls.run
+
+            def run(kernel: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                if not kwargs.get("warmup"):
+                    counter.kernel_launches[getattr(kernel, "__name__", "kernel")] += 1
+                counter._in_launch += 1
+                try:
+                    return _original(kernel, *args, **kwargs)
+                finally:
+                    counter._in_launch -= 1
+
+            self._patched.append((cls, original))
+            cls.run = run
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         name = func._schema.name.split("::")[-1]
-        if name == "detach" or _aliases_input(func):
+        if self._in_launch or name == "detach" or _aliases_input(func):
             return result
         self.operations[name] += 1
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
@@ -61,7 +106,13 @@ class OperationCounter(TorchDispatchMode):
 
     @property
     def total_operations(self) -> int:
+        """Aten operations (Triton launches not included)."""
         return sum(self.operations.values())
+
+    @property
+    def launches(self) -> int:
+        """Aten operations plus Triton kernel launches: what a GPU launches."""
+        return self.total_operations + sum(self.kernel_launches.values())
 
 
 def _aliases_input(func: Any) -> bool:

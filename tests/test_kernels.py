@@ -115,8 +115,9 @@ def test_cell_kernels_match_the_torch_terms(device, dtype, kind, nonlinearity, b
     assert float((values + apply_transitions(transitions, state, structure) - image).abs().max()) <= 4 * CELL_RTOL[dtype]
 
 
-def test_kernels_serve_only_cuda_and_never_under_autograd():
+def test_kernels_serve_only_cuda_and_never_under_autograd(monkeypatch):
     cpu = torch.zeros(3)
+    monkeypatch.delenv("FIXEDPOINT_KERNELS", raising=False)
     assert not use_kernels(cpu)
     weights = torch.zeros(3, requires_grad=True)
     with torch.no_grad():
@@ -127,6 +128,75 @@ def test_kernels_serve_only_cuda_and_never_under_autograd():
         assert not use_kernels(on_device, weights.cuda())  # recorded: the torch path
         with torch.no_grad():
             assert use_kernels(on_device, weights.cuda())
+        monkeypatch.setenv("FIXEDPOINT_KERNELS", "torch")
+        assert not use_kernels(on_device)
+    # Forced: every device, under the interpreter on a CPU; still never under autograd.
+    monkeypatch.setenv("FIXEDPOINT_KERNELS", "triton")
+    assert not use_kernels(cpu, weights)
+    if INTERPRETED:
+        assert use_kernels(cpu)
+    else:
+        with pytest.raises(InputError, match="TRITON_INTERPRET=1"):
+            use_kernels(cpu)
+    monkeypatch.setenv("FIXEDPOINT_KERNELS", "cuda")
+    with pytest.raises(InputError, match="FIXEDPOINT_KERNELS must be one of auto, torch, triton"):
+        use_kernels(cpu)
+
+
+# -- whole solves on the kernel path ----------------------------------------------------------------
+from fixedpoint import Anderson, Picard, QuasiNewton, SequenceSystem, solve  # noqa: E402
+from fixedpoint.errors import InputError  # noqa: E402
+from fixedpoint.forward_error import correction_and_residual  # noqa: E402
+from fixedpoint.profiling import OperationCounter  # noqa: E402
+
+SOLVERS = {"picard": Picard, "quasi-newton": QuasiNewton, "damped-quasi-newton": lambda: QuasiNewton(damping="backtracking"),
+           "anderson": Anderson}
+
+
+def _kernel_path_problem(kind, nonlinearity, dtype, device):
+    network = Network.random(kind, 5, 5, nonlinearity=nonlinearity, seed=11, dtype=dtype, device=device)
+    inputs = randn(23 if INTERPRETED else 2311, 3, 5, seed=12, dtype=dtype).to(device)
+    initial = 0.3 * randn(3, network.cells[0][0].state_size, seed=13, dtype=dtype).to(device)
+    return network, SequenceSystem.build(network.cells[0][0], inputs, initial)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("kind,nonlinearity", [("elman", "tanh"), ("elman", "relu"), ("gru", "tanh"), ("lstm", "tanh")],
+                         ids=["elman-tanh", "elman-relu", "gru", "lstm"])
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_whole_solves_on_the_kernel_path_match_the_torch_path(monkeypatch, device, kind, nonlinearity, solver):
+    # The CUDA code path end to end (dispatch, driver, kernels), on a CPU in Triton's interpreter:
+    # the same answer as the torch path, to rounding, and the same iterations where no
+    # rounding-level difference can flip the stop test (float64, far from the tolerance).
+    network, system = _kernel_path_problem(kind, nonlinearity, torch.float64, device)
+    monkeypatch.setenv("FIXEDPOINT_KERNELS", "torch")
+    reference = solve(system, SOLVERS[solver]())
+    monkeypatch.setenv("FIXEDPOINT_KERNELS", "triton")
+    with OperationCounter() as counter:
+        fused = solve(system, SOLVERS[solver]())
+    assert counter.kernel_launches[f"_{kind}_kernel"] >= fused.stats.iterations  # the kernels ran
+    assert counter.kernel_launches["_measure_kernel"] >= fused.stats.iterations
+    if solver in ("quasi-newton", "damped-quasi-newton"):
+        scan = "_block2_kernel" if kind == "lstm" else "_diagonal_kernel"
+        assert counter.kernel_launches[scan] >= fused.stats.iterations - 1
+    assert fused.converged and reference.converged
+    assert abs(fused.stats.iterations - reference.stats.iterations) <= 1
+    assert float((fused.value - reference.value).abs().max()) <= 1e-12
+    loop = system.sequential()
+    assert float((fused.value - loop).abs().max()) <= 1e-10
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_parallel_forward_error_on_the_kernel_path_matches_the_torch_path(monkeypatch, device, kind):
+    network, system = _kernel_path_problem(kind, "tanh", torch.float64, device)
+    states = system.sequential() + 1e-6 * randn(*system.state_shape, seed=14).to(device)
+    monkeypatch.setenv("FIXEDPOINT_KERNELS", "torch")
+    reference = correction_and_residual(system, states, method="parallel")
+    monkeypatch.setenv("FIXEDPOINT_KERNELS", "triton")
+    fused = correction_and_residual(system, states, method="parallel")
+    for got, expected in zip(fused, reference):
+        assert float((got - expected).abs().max()) <= 1e-12 * (1 + float(expected.abs().max()))
 
 
 # -- the driver's measurement ---------------------------------------------------------------------
