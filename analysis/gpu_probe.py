@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fixedpoint import Network, QuasiNewton, SequenceSystem, solve  # noqa: E402
 from fixedpoint.data import gaussian_inputs  # noqa: E402
 from fixedpoint.scan import linear_recurrence, linear_recurrence_torch  # noqa: E402
+from fixedpoint.residual import StopTest  # noqa: E402
 
 from bench import _median_seconds as median_seconds  # noqa: E402  (analysis/bench.py, beside this file)
 
@@ -73,7 +74,7 @@ def iteration_rows(device: torch.device, steps: int, batch: int, hidden: int) ->
         _, state = solver.init(system, states)
 
         def quasi_newton_iteration() -> None:
-            image = solver.evaluate(system, states, 0, state)
+            image, _ = solver.evaluate(system, states, 0, state, StopTest(*solver.tolerances(states.dtype)))
             solver.step(states, image, state, system.initial_state)
 
         iteration = seconds(device, quasi_newton_iteration)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fixedpoint.errors import InputError
 from fixedpoint.kernels import use_kernels
+from fixedpoint.residual import Measurement, StopTest, measure_window
 from fixedpoint.scan import apply_transitions, linear_recurrence
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -179,6 +180,19 @@ class Cell(ABC):
 
             return quasi_newton_terms(self, state, projected_input)
         return self.quasi_newton_terms_torch(state, projected_input)
+
+    def measured_quasi_newton_terms(
+        self, state: Tensor, projected_input: Tensor, iterate: Tensor, test: StopTest
+    ) -> tuple[Tensor, Tensor, Tensor, Measurement]:
+        """:meth:`quasi_newton_terms` and the driver's measurement of ``F`` against the iterate
+        window ``iterate (..., S)`` whose states ``state`` reads (``F``'s first ``test.exact``
+        rows become the iterate's; ``b`` is formed before, from ``F``): one kernel on CUDA."""
+        if use_kernels(state, projected_input, self.weight_hh, self.bias_hh):
+            from fixedpoint.kernels.cells import measured_quasi_newton_terms  # imports Triton
+
+            return measured_quasi_newton_terms(self, state, projected_input, iterate, test)
+        image, transitions, values = self.quasi_newton_terms_torch(state, projected_input)
+        return image, transitions, values, measure_window(image, iterate, test)
 
     def quasi_newton_terms_torch(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`quasi_newton_terms` in torch operations on any device: the reference."""

@@ -48,7 +48,7 @@ from fixedpoint.cells import all_finite, check_floating
 from fixedpoint.errors import InputError, NoConvergence
 from fixedpoint.lengths import check_lengths, last_states, padding_mask, reversal_within, reversed_within
 from fixedpoint.network import Network
-from fixedpoint.residual import measure
+from fixedpoint.residual import StopTest
 from fixedpoint.runtime import true_float32
 from fixedpoint.contraction import ContractionReport, Norm, a_posteriori_error_bound, analyze, check_norm, state_norms
 from fixedpoint.forward_error import correction_and_residual, scaled_size
@@ -340,13 +340,12 @@ def _solve(
     iteration = 0
     while True:
         iteration += 1
-        image = solver.evaluate(system, iterate, start, state)  # (T − start, B, S)
+        exact = prefix - start  # leading rows of the window known to be exact: F(X) is replaced by X there
+        # F(X) on the window (T − start, B, S) and its measurement: (T − start,), (B,), (B,)
+        image, (rows_finite, scaled, largest) = solver.evaluate(system, iterate, start, state, StopTest(rtol, atol, exact))
         evaluated.append(steps - start)
-        exact = prefix - start  # leading rows of the window known to be exact
-        image[:exact] = iterate[start:prefix]  # equal but for rounding: keep the exact ones
         if callback is not None:
             callback(iteration, iterate, image[exact:])
-        rows_finite, scaled, largest = measure(image, iterate[start:], rtol, atol)  # (T − start,), (B,), (B,)
         finite = rows_finite.all()
         finite_rows.append((start, rows_finite))
         if report is not None:  # the certificate bounds the error by the last step's norm

@@ -17,6 +17,7 @@ from torch import Tensor
 from fixedpoint.cells import SUPPORTED_DTYPES, Cell, check_floating
 from fixedpoint.errors import InputError
 from fixedpoint.kernels import use_kernels
+from fixedpoint.residual import Measurement, StopTest, measure_window
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,16 +102,35 @@ class SequenceSystem:
 
         Positions before ``start`` are not recomputed; a solver passes its exact prefix there.
         """
-        if start == 0:
-            previous = torch.cat((self.initial_state.unsqueeze(0), states[:-1]), dim=0)
-        else:
-            previous = states[start - 1 : -1]
-        cell = self.cell
-        if use_kernels(previous, self.projected_inputs, cell.weight_hh, cell.bias_hh):
-            from fixedpoint.kernels.cells import step  # one fused kernel after the product; imports Triton
+        return self._step(self._previous(states, start), self.projected_inputs[start:])
 
-            return step(self.cell, previous, self.projected_inputs[start:])
-        return self.cell.step(previous, self.projected_inputs[start:])
+    def _step(self, previous: Tensor, projected_inputs: Tensor) -> Tensor:
+        """:meth:`Cell.step` on every position at once: on CUDA one fused kernel after the product."""
+        cell = self.cell
+        if use_kernels(previous, projected_inputs, cell.weight_hh, cell.bias_hh):
+            from fixedpoint.kernels.cells import step  # imports Triton
+
+            return step(cell, previous, projected_inputs)
+        return cell.step(previous, projected_inputs)
+
+    def apply_measured(self, states: Tensor, start: int, test: StopTest) -> tuple[Tensor, Measurement]:
+        """:meth:`apply` and the driver's measurement of it against ``states[start:]``
+        (:func:`~fixedpoint.residual.measure_window`: the first ``test.exact`` rows of the image
+        are the iterate's).  On CUDA one fused kernel does both after the product with ``W_hh``."""
+        previous = self._previous(states, start)
+        cell, window = self.cell, states[start:]
+        if use_kernels(previous, self.projected_inputs, cell.weight_hh, cell.bias_hh):
+            from fixedpoint.kernels.cells import measured_step  # imports Triton
+
+            return measured_step(cell, previous, self.projected_inputs[start:], window, test)
+        image = cell.step(previous, self.projected_inputs[start:])
+        return image, measure_window(image, window, test)
+
+    def _previous(self, states: Tensor, start: int) -> Tensor:
+        """The states ``s_{t−1}`` that positions ``start … T−1`` read: ``(T − start, B, S)``."""
+        if start == 0:
+            return torch.cat((self.initial_state.unsqueeze(0), states[:-1]), dim=0)
+        return states[start - 1 : -1]
 
     def previous_states(self, window: Tensor, predecessor: Tensor) -> Tensor:
         """The states ``s_{t−1}`` that the last ``n`` positions read: ``(n, B, S)``.
@@ -122,8 +142,7 @@ class SequenceSystem:
 
     def apply_window(self, window: Tensor, predecessor: Tensor) -> Tensor:
         """``F`` on the last ``n`` positions only: ``(n, B, S) → (n, B, S)``."""
-        previous = self.previous_states(window, predecessor)
-        return self.cell.step(previous, self.projected_inputs[self.seq_len - window.shape[0] :])
+        return self._step(self.previous_states(window, predecessor), self.projected_inputs[self.seq_len - window.shape[0] :])
 
     def states_from_hidden(self, hidden: Tensor) -> Tensor:
         """The solution's states ``(T, B, S)`` from its outputs ``h_t (T, B, H)``."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from fixedpoint.predictability import predictability
+from fixedpoint.residual import StopTest
 from fixedpoint.solvers.base import Solver, check_integer
 from fixedpoint.solvers.newton import Newton
 from fixedpoint.solvers.sequential import Sequential
@@ -87,7 +88,8 @@ class Auto(Solver):
 
         def one_iteration() -> None:  # what the driver does per iteration, through the solver's interface
             guess, state = quasi.init(system, torch.zeros(system.state_shape, dtype=system.inputs.dtype, device=device))
-            image = quasi.evaluate(system, guess, 0, state)
+            rtol, atol = quasi.tolerances(guess.dtype)
+            image, _ = quasi.evaluate(system, guess, 0, state, StopTest(rtol, atol))
             quasi.step(guess, image, state, system.initial_state)
 
         iteration_seconds = _timed(one_iteration, device)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fixedpoint.errors import InputError
+from fixedpoint.residual import Measurement, StopTest
 from fixedpoint.system import SequenceSystem
 
 #: Default ``(rtol, atol)`` per dtype.  float64: 1e-12, a few hundred ulps of O(1) states, so the
@@ -115,11 +116,14 @@ class Solver(ABC):
         """The first iterate ``(T, B, S)`` and the solver's private state."""
         return initial_guess, None
 
-    def evaluate(self, system: SequenceSystem, iterate: Tensor, start: int, state: Any) -> Tensor:
-        """``F(X)`` at positions ``start … T−1`` of the iterate ``X (T, B, S)``: the driver's one
+    def evaluate(
+        self, system: SequenceSystem, iterate: Tensor, start: int, state: Any, test: StopTest
+    ) -> tuple[Tensor, Measurement]:
+        """``F(X)`` at positions ``start … T−1`` of the iterate ``X (T, B, S)`` and the driver's
+        measurement of it (:func:`~fixedpoint.residual.measure_window`): the driver's one
         evaluation per iteration.  A solver that needs more at the same point (a Jacobian) may
         compute it here from the same products and keep it in ``state`` for :meth:`step`."""
-        return system.apply(iterate, start=start)
+        return system.apply_measured(iterate, start, test)
 
     def step(
         self,

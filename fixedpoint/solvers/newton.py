@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from fixedpoint.errors import InputError
+from fixedpoint.residual import Measurement, StopTest
 from fixedpoint.scan import Structure, apply_transitions, linear_recurrence, regularized_recurrence
 from fixedpoint.solvers.base import Solver, check_integer, check_number, counted
 from fixedpoint.system import SequenceSystem
@@ -175,17 +176,23 @@ class Newton(Solver):
             state.kept = zeros.clone()
         return initial_guess, state
 
-    def evaluate(self, system: SequenceSystem, iterate: Tensor, start: int, state: NewtonState) -> Tensor:
-        """``F(X)`` on the window; quasi-Newton also forms its step's ``(A, b)`` there, from the
-        same product with ``W_hh`` (:meth:`~fixedpoint.cells.Cell.quasi_newton_terms`)."""
+    def evaluate(
+        self, system: SequenceSystem, iterate: Tensor, start: int, state: NewtonState, test: StopTest
+    ) -> tuple[Tensor, Measurement]:
+        """``F(X)`` on the window and its measurement; quasi-Newton also forms its step's
+        ``(A, b)`` there, from the same product with ``W_hh`` and, on CUDA, in the same kernel
+        (:meth:`~fixedpoint.cells.Cell.measured_quasi_newton_terms`)."""
         state.terms = None
         if self.jacobian != "diagonal" or state.chunk is not None:
-            return system.apply(iterate, start=start)
+            return system.apply_measured(iterate, start, test)
         predecessor = system.initial_state if start == 0 else iterate[start - 1]
-        previous = system.previous_states(iterate[start:], predecessor)
-        image, transitions, values = system.cell.quasi_newton_terms(previous, system.projected_inputs[start:])
+        window = iterate[start:]
+        previous = system.previous_states(window, predecessor)
+        image, transitions, values, measurement = system.cell.measured_quasi_newton_terms(
+            previous, system.projected_inputs[start:], window, test
+        )
         state.terms = (transitions, values)
-        return image
+        return image, measurement
 
     def step(
         self,
