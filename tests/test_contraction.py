@@ -657,7 +657,9 @@ def test_global_bound_from_one_step_is_the_largest_over_all_steps(kind, norm, se
     every_step = _step_bounds(wide, (lo, -lo), torch.zeros(1, cell.state_size, dtype=F64), norm).lipschitz
     operations = seq_len + cell.gate_count * cell.hidden_size * cell.state_size
     expected = max(1.0, float(outward(every_step.max(), operations)))
-    assert certified_global_bound(cell, norm, seq_len=seq_len) == expected
+    # Equal up to the rounding of the norms themselves: a batch of matrices and a single one may
+    # take different LAPACK paths (the 2-norm's SVD differs in the last bits between machines).
+    assert math.isclose(certified_global_bound(cell, norm, seq_len=seq_len), expected, rel_tol=1e-12)
 
 
 @pytest.mark.parametrize("norm", NORMS)

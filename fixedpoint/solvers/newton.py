@@ -13,8 +13,8 @@ Both are exact in one step where ``F`` is affine with that structure, and both k
 termination: the driver writes the exact value of the window's first position after every step.
 
 Safe steps.  A sample whose Newton iterate is not finite, or (undamped) whose residual grew by
-more than ``max_residual_growth`` since the previous iteration, takes the Picard step ``G``
-instead.  With ``damping="backtracking"`` the step ``X + α(Y − X)`` is accepted per sample for
+more than ``max_residual_growth`` since the previous iteration (to more than ``atol``), takes the
+Picard step ``G`` instead.  With ``damping="backtracking"`` the step ``X + α(Y − X)`` is accepted per sample for
 the largest ``α ∈ {1, ½, ¼, …}`` (at most ``max_backtracks`` halvings) that decreases the merit
 ``½ Σ_t ‖F(Z)_t − Z_t‖²`` by the Armijo factor ``1 − 2·10⁻⁴·α``, or that already meets the
 tolerance; a sample with no such ``α`` takes the Picard step.  Every safe step and every halving
@@ -109,7 +109,7 @@ class Newton(Solver):
             device at the start of the solve.
         max_backtracks: most step halvings per iteration with ``damping="backtracking"``.
         max_residual_growth: undamped only: a sample whose residual grew by more than this
-            factor since the previous iteration takes a Picard step.
+            factor since the previous iteration, to more than ``atol``, takes a Picard step.
         regularization: ``damping="levenberg-marquardt"``: the starting ``λ`` (0: try the Newton
             step first) and the least ``λ`` after a refused step.
     """
@@ -218,7 +218,9 @@ class Newton(Solver):
             accepted = torch.isfinite(newton).flatten(2).all(2).all(0)  # (B,)
             size = residual.abs().amax(dim=(0, 2))  # (B,)
             if state.last_residual is not None:
-                accepted &= size <= self.max_residual_growth * state.last_residual
+                # Growth from a residual at rounding level (a converged sample) is not divergence.
+                _, atol = self.tolerances(residual.dtype)
+                accepted &= (size <= self.max_residual_growth * state.last_residual) | (size <= atol)
             state.last_residual = size
             newton = torch.where(accepted[None, :, None], newton, image)
         state.newton_steps += counted(accepted, active)
