@@ -82,8 +82,9 @@ def solve_counts() -> list[dict]:
                 correction_and_residual(system, solution.value, method="parallel")
             gpu, ran = counts[CHECK_EVERY["cuda"]]
             with kernel_path() as device:
+                on_device = _system(kind, device)
                 with OperationCounter() as fused:
-                    on_kernels = solve(_system(kind, device), solver, forward_error="off", check_every=CHECK_EVERY["cuda"])
+                    on_kernels = solve(on_device, solver, forward_error="off", check_every=CHECK_EVERY["cuda"])
             fused_ran = on_kernels.stats.iterations + on_kernels.stats.speculative_iterations
             rows.append({
                 "cell": kind, "solver": solver.name, "iterations": solution.stats.iterations,
@@ -160,8 +161,8 @@ def markdown(result: dict) -> str:
         "With the fused Triton kernels (`FIXEDPOINT_KERNELS=triton`: "
         + ("on the GPU" if result.get("cuda_path_device") == "cuda" else
            "run in Triton's interpreter on this CPU, which launches exactly what CUDA launches")
-        + "): the cell kernel (image, per-unit Jacobian and right-hand side), the chunked scan and "
-        "the measurement kernel replace the torch path's element-wise operations. Launches = aten "
+        + "): the cell kernel (image, per-unit Jacobian, right-hand side and the driver's measurement, "
+        "in one pass) and the chunked scan replace the torch path's element-wise operations. Launches = aten "
         "operations + Triton kernels, each one launch on a GPU.",
         "",
         "| cell | solver | iterations | launches / iteration | of which Triton kernels | host syncs |",
@@ -177,7 +178,7 @@ def markdown(result: dict) -> str:
         "",
         "On the torch path an LSTM's quasi-Newton iteration issues more than twice a GRU's operations: "
         "its scan composes 2×2 blocks entry by entry (8 operations per composition where a diagonal "
-        "needs 1, about 17 per level of the odd–even reduction, 10 levels at T = 1024). A CPU pays "
+        "needs 1, about 20 per level of the odd–even reduction, 10 levels at T = 1024). A CPU pays "
         "little per operation; on CUDA the Triton scan does the same in a few launches.",
         "",
         f"## One parallel scan (torch path): float32, T = {scan_problem['seq_len']}, B = {scan_problem['batch']}, "

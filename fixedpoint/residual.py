@@ -47,9 +47,10 @@ def measure(image: Tensor, iterate: Tensor, rtol: float, atol: float) -> Measure
     ``(n, B, S)``.  A tolerance of 0 (``atol = 0``, ``G = 0``) is floored at the dtype's smallest
     normal number, so ``0/0`` reads 0 and ``x/0`` reads huge.  Non-finite entries make their
     position not finite; their scaled and absolute values are then meaningless."""
-    finite = torch.isfinite(image).flatten(1).all(1)
     # In place, two temporaries: large CPU allocations cost page faults on every iteration.
     difference = torch.sub(image, iterate).abs_()
-    tolerance = image.abs().mul_(rtol).add_(atol)
+    tolerance = image.abs()
+    finite = tolerance.amax(dim=(1, 2)) < float("inf")  # a row's maximum is NaN or inf iff one entry is
+    tolerance.mul_(rtol).add_(atol)
     scaled = torch.div(difference, tolerance.clamp_(min=torch.finfo(image.dtype).tiny), out=tolerance)
     return Measurement(finite, scaled.amax(dim=(0, 2)), difference.amax(dim=(0, 2)))

@@ -95,6 +95,21 @@ def test_host_synchronisations_per_solve(kind, solver, every):
     assert counter.operations["_local_scalar_dense"] >= math.ceil(ran / every)  # it does look
 
 
+@pytest.mark.parametrize("kind,budget", [("elman", 120), ("gru", 120), ("lstm", 280)])
+def test_aten_operations_per_quasi_newton_iteration(kind, budget):
+    # Each aten operation is at least one kernel launch on a GPU. The budget of 120 per
+    # quasi-Newton iteration (H = 16, T = 1024, B = 4, float32, check_every = 4) holds the
+    # diagonal cells to it; the LSTM's 2×2-block scan composes entry by entry, about 20
+    # operations per level of its 10 (docs/gpu.md), so its bound only guards against regressions.
+    network = Network.random(kind, 16, 16, seed=0, dtype=torch.float32)
+    system = SequenceSystem.build(network.cells[0][0], gaussian_inputs(1024, 4, 16, seed=1, dtype=torch.float32))
+    with OperationCounter() as counter:
+        solution = solve(system, QuasiNewton(), forward_error="off", check_every=4)
+    assert solution.converged
+    ran = solution.stats.iterations + solution.stats.speculative_iterations
+    assert counter.total_operations / ran <= budget
+
+
 def test_check_every_is_validated():
     system = SequenceSystem.build(Network.random("gru", 2, 3, seed=0).cells[0][0], gaussian_inputs(5, 1, 2, seed=1))
     for bad in (0, -1, 1.5, True):

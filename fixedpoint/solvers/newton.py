@@ -79,6 +79,9 @@ class NewtonState:
     #: quasi-Newton: ``(A, b)`` of the window's linearisation, computed with ``F`` by
     #: :meth:`Newton.evaluate` from the same product, for the step that follows.
     terms: tuple[Tensor, Tensor] | None = None
+    #: ``max_{t,j} |F(X) − X|`` per sample ``(B,)``, from :meth:`Newton.evaluate`'s measurement:
+    #: the undamped step's growth test reads it instead of measuring the residual again.
+    largest_residual: Tensor | None = None
 
 
 def free_memory(device: torch.device) -> int:
@@ -184,7 +187,9 @@ class Newton(Solver):
         (:meth:`~fixedpoint.cells.Cell.measured_quasi_newton_terms`)."""
         state.terms = None
         if self.jacobian != "diagonal" or state.chunk is not None:
-            return system.apply_measured(iterate, start, test)
+            image, measurement = system.apply_measured(iterate, start, test)
+            state.largest_residual = measurement.largest
+            return image, measurement
         predecessor = system.initial_state if start == 0 else iterate[start - 1]
         window = iterate[start:]
         previous = system.previous_states(window, predecessor)
@@ -192,6 +197,7 @@ class Newton(Solver):
             previous, system.projected_inputs[start:], window, test
         )
         state.terms = (transitions, values)
+        state.largest_residual = measurement.largest
         return image, measurement
 
     def step(
@@ -205,21 +211,24 @@ class Newton(Solver):
         system = state.system
         if predecessor is None:
             predecessor = system.initial_state
-        residual = image - iterate
+        largest, state.largest_residual = state.largest_residual, None
         if self.damping == "levenberg-marquardt":
+            residual = image - iterate
             return self._levenberg_marquardt_step(system, iterate, image, residual, predecessor, state, active)
         if state.terms is not None:
             newton = linear_recurrence(*state.terms, predecessor)
         else:
             newton = self.newton_iterate(system, iterate, image, predecessor, state.chunk)
         if self.damping == "backtracking":
+            residual = image - iterate
             newton, accepted = self._backtrack(system, iterate, image, newton, residual, predecessor, state, active)
         else:
-            accepted = torch.isfinite(newton).flatten(2).all(2).all(0)  # (B,)
-            size = residual.abs().amax(dim=(0, 2))  # (B,)
+            # A row maximum is NaN or inf exactly when the sample's iterate is not finite.
+            accepted = newton.abs().amax(dim=(0, 2)) < float("inf")  # (B,)
+            size = (image - iterate).abs().amax(dim=(0, 2)) if largest is None else largest  # (B,)
             if state.last_residual is not None:
                 # Growth from a residual at rounding level (a converged sample) is not divergence.
-                _, atol = self.tolerances(residual.dtype)
+                _, atol = self.tolerances(image.dtype)
                 accepted &= (size <= self.max_residual_growth * state.last_residual) | (size <= atol)
             state.last_residual = size
             newton = torch.where(accepted[None, :, None], newton, image)
