@@ -31,7 +31,7 @@ the recurrence is solved instead by quasi-Newton iterations over all positions a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -65,8 +65,23 @@ def linearized_correction(system: SequenceSystem, states: Tensor, *, chunk: int 
     after another with matrix-free products ``J_t v`` (:meth:`~fixedpoint.cells.Cell.jacobian_product`),
     all in float64.
     """
-    correction, _ = correction_and_residual(system, states, chunk=chunk)
-    return correction
+    return correction_and_residual(system, states, chunk=chunk).delta
+
+
+class Correction(NamedTuple):
+    """What :func:`correction_and_residual` returns.
+
+    Attributes:
+        delta: ``(T, B, S)`` float64, the first-order correction, 0 on the exact prefix.
+        residual_size: ``(B,)``, ``max |r|`` or the scaled residual of the termination test.
+        estimate: ``(B,)``, the forward-error estimate ``max |δ|`` of the whole answer: with the
+            exact prefix's residual propagated as well, since an exact prefix is the sequential
+            loop's value, which carries the loop's own rounding (``delta``'s maximum without a prefix).
+    """
+
+    delta: Tensor
+    residual_size: Tensor
+    estimate: Tensor
 
 
 def correction_and_residual(
@@ -77,14 +92,16 @@ def correction_and_residual(
     tolerances: tuple[float, float] | None = None,
     exact_prefix: int = 0,
     method: Method = "auto",
-) -> tuple[Tensor, Tensor]:
-    """``δ (T, B, S)`` as :func:`linearized_correction`, and the residual's size per sample
-    ``(B,)``: ``max |r|`` or, with ``tolerances = (rtol, atol)``, the scaled
-    ``max |r| / (atol + rtol·|F(states)|)`` of the driver's termination test.
+) -> Correction:
+    """``δ (T, B, S)`` as :func:`linearized_correction`, the residual's size per sample ``(B,)``
+    (``max |r|`` or, with ``tolerances = (rtol, atol)``, the scaled ``max |r| / (atol + rtol·|F(states)|)``
+    of the driver's termination test) and the forward-error estimate ``(B,)``.
 
     The first ``exact_prefix`` positions are taken as exact (the recurrence's own values, as a
-    solve's exact prefix is): their residual, rounding only, is not propagated, so ``δ`` is 0
-    there and a refinement leaves them as the sequential loop computes them.
+    solve's exact prefix is): ``δ`` leaves their residual, rounding only, out, so it is 0 there
+    and a refinement leaves them as the sequential loop computes them.  The estimate keeps it:
+    the loop's own rounding is part of the answer's error.  Both come from one pass, the
+    recurrence run on the samples twice over (with and without the prefix's residual).
 
     ``method``: ``"sequential"`` (the loop over positions), ``"parallel"`` (quasi-Newton
     iterations on the linear recurrence, :func:`parallel_correction`, falling back to the loop
@@ -92,27 +109,48 @@ def correction_and_residual(
     ``T`` kernel launches, sequential elsewhere, where it is the cheapest."""
     if method not in ("auto", "sequential", "parallel"):
         raise InputError(f"method must be 'auto', 'sequential' or 'parallel', got {method!r}")
+    batch = states.shape[1]
+    paired = exact_prefix > 0
     if method == "parallel" or (method == "auto" and states.device.type == "cuda"):
         with torch.no_grad():
             whole = Trajectory.of(system, states)
             residual, residual_size = _residual(whole, tolerances)
-            residual[:exact_prefix] = 0
-            correction = parallel_correction(whole, residual)
-        if correction is not None:
-            return correction, residual_size
+            if paired:
+                residual = _with_and_without_prefix(residual, exact_prefix)
+                whole = _twice(whole)
+            both = parallel_correction(whole, residual)
+        if both is not None:
+            return Correction(both[:, :batch], residual_size, both[:, both.shape[1] - batch :].abs().amax(dim=(0, 2)))
+    rows = 2 * batch if paired else batch
     with torch.no_grad():
-        correction = states.new_empty(states.shape, dtype=ESTIMATE_DTYPE)
-        residual_size = correction.new_zeros(states.shape[1])
-        delta = correction.new_zeros(states.shape[1:])
+        # Time-major (T, B or 2B, S): the first B samples δ, the others (paired) δ with the prefix.
+        both = states.new_empty((states.shape[0], rows, states.shape[2]), dtype=ESTIMATE_DTYPE)
+        residual_size = both.new_zeros(batch)
+        delta = both.new_zeros(both.shape[1:])
         for start, piece in Trajectory.chunks(system, states, chunk):
             residual, size_here = _residual(piece, tolerances)
             residual_size = torch.maximum(residual_size, size_here)
-            residual[: max(0, exact_prefix - start)] = 0
+            if paired:
+                residual = _with_and_without_prefix(residual, exact_prefix - start)
+                piece = _twice(piece)
             factors = piece.factors()
             for t in range(piece.states.shape[0]):
                 delta = piece.cell.jacobian_product(tuple(f[t] for f in factors), delta) + residual[t]
-                correction[start + t] = delta
-    return correction, residual_size
+                both[start + t] = delta
+    return Correction(both[:, :batch], residual_size, both[:, rows - batch :].abs().amax(dim=(0, 2)))
+
+
+def _with_and_without_prefix(residual: Tensor, prefix: int) -> Tensor:
+    """``(n, 2B, S)``: the residual with its first ``prefix`` rows zeroed (none when
+    ``prefix ≤ 0``), then as it is."""
+    masked = residual.clone()
+    masked[: min(max(prefix, 0), residual.shape[0])] = 0
+    return torch.cat((masked, residual), dim=1)
+
+
+def _twice(piece: Trajectory) -> Trajectory:
+    """The trajectory with its samples repeated, ``B → 2B``, so that one pass propagates two residuals."""
+    return Trajectory(piece.cell, *(torch.cat((part, part), dim=1) for part in (piece.states, piece.previous, piece.projected)))
 
 
 def _residual(piece: Trajectory, tolerances: tuple[float, float] | None) -> tuple[Tensor, Tensor]:

@@ -34,17 +34,21 @@ def test_parallel_correction_equals_the_loop(cell, scale, seed, steps, exact_pre
     system = system_of(*cell, scale, seed, steps=steps)
     states = system.sequential() + 1e-3 * randn(*system.state_shape, seed=seed + 2)
     options = {"tolerances": (1e-8, 1e-10), "exact_prefix": exact_prefix}
-    loop, loop_size = correction_and_residual(system, states, method="sequential", **options)
-    parallel, parallel_size = correction_and_residual(system, states, method="parallel", **options)
+    loop, loop_size, loop_estimate = correction_and_residual(system, states, method="sequential", **options)
+    parallel, parallel_size, parallel_estimate = correction_and_residual(system, states, method="parallel", **options)
     assert torch.equal(parallel_size, loop_size)
     assert float((parallel - loop).abs().max()) <= 1e-4 * float(loop.abs().max()) + 1e-15
     assert bool((parallel[:exact_prefix] == 0).all())
+    # The estimate propagates the prefix's residual too: the correction without a prefix.
+    whole_loop = correction_and_residual(system, states, method="sequential", tolerances=options["tolerances"]).delta
+    torch.testing.assert_close(loop_estimate, whole_loop.abs().amax(dim=(0, 2)), rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(parallel_estimate, loop_estimate, rtol=1e-4, atol=1e-15)
     whole = forward_error.Trajectory.of(system, states)
     residual = whole.image() - whole.states
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(forward_error, "PARALLEL_ITERATIONS", 0)  # never converged: the loop
         assert forward_error.parallel_correction(whole, residual) is None or steps == 1
-        fallback, _ = correction_and_residual(system, states, method="parallel", **options)
+        fallback, _, _ = correction_and_residual(system, states, method="parallel", **options)
     assert torch.equal(fallback, loop) or steps == 1
 
 
@@ -96,8 +100,8 @@ def test_residual_size_is_the_termination_test_s():
     system = system_of("gru", "tanh", 1.0, seed=4, steps=20)
     states = system.sequential() + 1e-5 * randn(*system.state_shape, seed=5)
     image = system.apply(states)
-    _, absolute = correction_and_residual(system, states)
-    _, scaled = correction_and_residual(system, states, tolerances=(1e-3, 1e-6))
+    absolute = correction_and_residual(system, states).residual_size
+    scaled = correction_and_residual(system, states, tolerances=(1e-3, 1e-6)).residual_size
     torch.testing.assert_close(absolute, (image - states).abs().amax(dim=(0, 2)))
     torch.testing.assert_close(scaled, ((image - states).abs() / (1e-6 + 1e-3 * image.abs())).amax(dim=(0, 2)))
 
@@ -209,3 +213,19 @@ def test_bad_mode_and_bad_chunk_are_refused():
         linearized_correction(system, system.sequential(), chunk=0)
     with pytest.raises(InputError, match="states must have shape"):
         linearized_correction(system, system.sequential()[:-1])
+
+
+@pytest.mark.parametrize("kind", ["elman", "gru", "lstm"])
+def test_an_answer_exact_in_every_position_still_estimates_the_loops_rounding(kind):
+    # Picard run to finite termination (tolerances no residual meets) returns the float32
+    # sequential loop's values in every position; their error against the exact solution is the
+    # loop's rounding, which the estimate must show as it does for torch.nn's own output.
+    system = system_of(kind, "tanh", 1.5, seed=4, steps=60, dtype=torch.float32)
+    solution = solve(system, Picard(rtol=1e-30, atol=1e-30), forward_error="estimate")
+    assert solution.converged and solution.stats.exact_prefix > system.seq_len // 2  # or a residual of exactly 0
+    wide = SequenceSystem.build(system.cell.to(dtype=torch.float64), system.inputs.double(), system.initial_state.double())
+    exact = wide.sequential()
+    true_error = float((solution.value.double() - exact).abs().max())
+    estimate = float(solution.stats.forward_error_estimate.max())
+    assert true_error > 0
+    assert true_error / 10 <= estimate <= 10 * true_error
