@@ -334,9 +334,11 @@ def _dtype(job: dict) -> str:
 
 
 def selected(job: dict, args: argparse.Namespace) -> bool:
-    """Whether ``job`` is in the subset that ``--cells``, ``--hiddens``, ``--seq-lens`` and ``--dtypes`` name."""
+    """Whether ``job`` is in the subset that ``--cells``, ``--hiddens``, ``--seq-lens``, ``--dtypes``
+    and ``--methods`` name."""
     return (
         (args.dtypes is None or _dtype(job) in args.dtypes)
+        and (args.methods is None or job["method"] in args.methods)
         and (args.cells is None or job["cell"] in args.cells)
         and (args.hiddens is None or job["hidden"] in args.hiddens)
         and (args.seq_lens is None or job["seq_len"] in args.seq_lens)
@@ -383,6 +385,15 @@ def _cells(text: str) -> tuple[str, ...]:
     return cells
 
 
+def _methods(text: str) -> tuple[str, ...]:
+    methods = tuple(text.split(","))
+    known = {"torch.nn", "auto", "picard", "quasi-newton", "newton", "damped", *TRAIN_METHODS}
+    unknown = [method for method in methods if method not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method {unknown[0]!r}: choose from {', '.join(sorted(known))}")
+    return methods
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -392,6 +403,9 @@ def main() -> None:
     parser.add_argument("--hiddens", type=_integers, help="run only these H (comma-separated); adds to the section")
     parser.add_argument("--seq-lens", type=_integers, help="run only these T (comma-separated); adds to the section")
     parser.add_argument("--dtypes", type=_dtypes, help="run only these dtypes (float32,float64); adds to the section")
+    parser.add_argument("--methods", type=_methods,
+                        help="run only these methods (e.g. auto; each row's ratio is to torch.nn in its own process); "
+                        "adds to the section")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a job as JSON, run in this process
     args = parser.parse_args()

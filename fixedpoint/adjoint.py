@@ -144,7 +144,7 @@ def _adjoint_by_quasi_newton(system: SequenceSystem, states: Tensor, gradients: 
     # positions are exact (finite termination).
     cell, projected = system.cell, system.projected_inputs
     steps = system.seq_len
-    structure = "block2" if cell.kind == "lstm" else "diagonal"
+    structure = cell.unit_structure
     factors = cell.linearization(states[:-1], projected[1:])
     unit = cell.unit_jacobian(states[:-1], projected[1:])
     unit = unit.mT if structure == "block2" else unit
@@ -219,15 +219,16 @@ def _adjoint_sequentially(
 def solution_gradients(
     system: SequenceSystem, states: Tensor, adjoint: Tensor, needs: tuple[bool, ...]
 ) -> tuple[Tensor | None, ...]:
-    """``λᵀ ∂F/∂(x, s_0, W_ih, W_hh, b_ih, b_hh)`` at ``S*``: a vector–Jacobian product of ``F``
-    over all positions, batched in chunks of about ``VJP_ELEMENTS`` gate entries so that its
+    """``λᵀ ∂F/∂(x, s_0, W_ih, W_hh, b_ih, b_hh[, W_hr])`` at ``S*``: a vector–Jacobian product of
+    ``F`` over all positions, batched in chunks of about ``VJP_ELEMENTS`` gate entries so that its
     autograd graph stays bounded; weight gradients are summed over the chunks.
 
-    ``needs`` says which of the six gradients to compute (the others are ``None``).  Returns
-    ``(inputs (T, B, I), initial_state (B, S), weight_ih, weight_hh, bias_ih, bias_hh)``.
+    ``needs`` says which gradients to compute (the others are ``None``), one flag per entry of
+    the result: ``(inputs (T, B, I), initial_state (B, S))`` and the cell's tensors in
+    :attr:`~fixedpoint.cells.Cell.tensor_names` order (an LSTM's ``weight_hr`` last).
     """
     cell = system.cell
-    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    names = cell.tensor_names
     originals = (system.inputs, system.initial_state, *(getattr(cell, name) for name in names))
     if len(needs) != len(originals):
         raise InputError(f"needs must have {len(originals)} entries, got {len(needs)}")

@@ -12,6 +12,7 @@ GRU rows are ``(r, z, n)``, LSTM rows ``(i, f, g, o)``.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal
@@ -22,7 +23,7 @@ from torch import Tensor
 from fixedpoint.errors import InputError
 from fixedpoint.kernels import use_kernels
 from fixedpoint.residual import Measurement, StopTest, measure_window
-from fixedpoint.scan import apply_transitions, linear_recurrence
+from fixedpoint.scan import Structure, apply_transitions, linear_recurrence
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -66,17 +67,20 @@ class Cell(ABC):
 
     gate_count: ClassVar[int] = 1
     kind: ClassVar[str] = "cell"
+    #: The cell's tensors, as ``torch.nn`` names them (without the ``_l{k}`` suffix).
+    tensor_names: ClassVar[tuple[str, ...]] = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
     def __post_init__(self) -> None:
         check_floating("weight_hh", self.weight_hh)
         check_floating("weight_ih", self.weight_ih)
         if self.weight_hh.dim() != 2 or self.weight_ih.dim() != 2:
             raise InputError("weight_ih and weight_hh must be matrices")
-        rows, hidden = self.weight_hh.shape
-        if rows != self.gate_count * hidden:
+        rows, columns = self.weight_hh.shape
+        if rows != self.gate_count * self.hidden_size or columns != self.output_size:
+            recurrent = "P" if self.output_size != self.hidden_size else "H"
             raise InputError(
                 f"{self.kind} weight_hh has shape {tuple(self.weight_hh.shape)}; expected "
-                f"({self.gate_count}·H, H) — is this the weight of another cell type?"
+                f"({self.gate_count}·H, {recurrent}) — is this the weight of another cell type?"
             )
         if self.weight_ih.shape[0] != rows:
             raise InputError(
@@ -97,7 +101,24 @@ class Cell(ABC):
     # -- sizes -------------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:
+        """``H``: the units of each gate (``torch.nn``'s ``hidden_size``)."""
         return self.weight_hh.shape[1]
+
+    @property
+    def output_size(self) -> int:
+        """The size of the output ``h``: ``H``, or an LSTM's ``proj_size`` ``P``."""
+        return self.hidden_size
+
+    @property
+    def unit_structure(self) -> Structure:
+        """The scan structure of :meth:`unit_jacobian`: ``"diagonal"``, or ``"block2"`` for an
+        LSTM's per-unit ``(h_j, c_j)`` blocks."""
+        return "diagonal"
+
+    @property
+    def fused_kernel(self) -> bool:
+        """Whether :mod:`fixedpoint.kernels.cells` has a fused kernel for this cell (on CUDA)."""
+        return True
 
     @property
     def input_size(self) -> int:
@@ -175,7 +196,7 @@ class Cell(ABC):
         and ``b = F − A s`` ``(..., S)``, the right-hand side of the step's linear recurrence
         ``y_t = A_t y_{t−1} + b_t``.  On CUDA with Triton, one fused kernel computes them after
         the product (:mod:`fixedpoint.kernels.cells`); this is its reference."""
-        if use_kernels(state, projected_input, self.weight_hh, self.bias_hh):
+        if self.fused_kernel and use_kernels(state, projected_input, self.weight_hh, self.bias_hh):
             from fixedpoint.kernels.cells import quasi_newton_terms  # imports Triton
 
             return quasi_newton_terms(self, state, projected_input)
@@ -187,7 +208,7 @@ class Cell(ABC):
         """:meth:`quasi_newton_terms` and the driver's measurement of ``F`` against the iterate
         window ``iterate (..., S)`` whose states ``state`` reads (``F``'s first ``test.exact``
         rows become the iterate's; ``b`` is formed before, from ``F``): one kernel on CUDA."""
-        if use_kernels(state, projected_input, self.weight_hh, self.bias_hh):
+        if self.fused_kernel and use_kernels(state, projected_input, self.weight_hh, self.bias_hh):
             from fixedpoint.kernels.cells import measured_quasi_newton_terms  # imports Triton
 
             return measured_quasi_newton_terms(self, state, projected_input, iterate, test)
@@ -197,8 +218,7 @@ class Cell(ABC):
     def quasi_newton_terms_torch(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`quasi_newton_terms` in torch operations on any device: the reference."""
         image, transitions = self._image_and_unit_jacobian(state, projected_input)
-        structure = "block2" if transitions.dim() == state.dim() + 2 else "diagonal"
-        return image, transitions, image - apply_transitions(transitions, state, structure)
+        return image, transitions, image - apply_transitions(transitions, state, self.unit_structure)
 
     def _image_and_unit_jacobian(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`step` and :meth:`unit_jacobian` together; cells override it to share the product."""
@@ -234,17 +254,21 @@ class Cell(ABC):
         must then be true on CUDA, where cuDNN keeps what its backward needs only in training mode
         (no dropout either way: one layer).
         """
-        hidden = self.hidden_size
+        hidden = self.output_size
         h0 = initial_state[..., :hidden].unsqueeze(0).contiguous()
         weights = [self.weight_ih, self.weight_hh]
         if self.bias_ih is not None:
             weights += [self.bias_ih, self.bias_hh]
+        if getattr(self, "weight_hr", None) is not None:  # torch.nn's order; the kernel sees P ≠ H in hx
+            weights.append(self.weight_hr)
         # torch._VF is what torch.nn.RNN/GRU/LSTM.forward call; the arguments after the weights
         # are has_biases, num_layers, dropout, train, bidirectional, batch_first.
         options = (self.bias_ih is not None, 1, 0.0, train, False, False)
         if self.kind == "lstm":
             c0 = initial_state[..., hidden:].unsqueeze(0).contiguous()
-            output, h_n, c_n = torch._VF.lstm(inputs, (h0, c0), weights, *options)  # type: ignore[attr-defined]
+            with warnings.catch_warnings():  # torch's note that oneDNN skips projections: it falls back by itself
+                warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+                output, h_n, c_n = torch._VF.lstm(inputs, (h0, c0), weights, *options)  # type: ignore[attr-defined]
             return output, torch.cat((h_n[0], c_n[0]), dim=-1)
         kernel = torch._VF.gru if self.kind == "gru" else getattr(torch._VF, f"rnn_{self.nonlinearity}")  # type: ignore[attr-defined]
         output, h_n = kernel(inputs, h0, weights, *options)
@@ -266,7 +290,7 @@ class Cell(ABC):
 
     def with_tensors(self, **changes: Tensor | None) -> "Cell":
         """A copy with some tensors replaced (same cell type and options)."""
-        fields = {k: getattr(self, k) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        fields = {k: getattr(self, k) for k in self.tensor_names}
         fields.update(changes)
         return self._rebuild(**fields)
 
@@ -278,7 +302,7 @@ class Cell(ABC):
         return self.with_tensors(
             **{
                 k: None if getattr(self, k) is None else getattr(self, k).to(dtype=dtype, device=device)
-                for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                for k in self.tensor_names
             }
         )
 
@@ -412,21 +436,75 @@ class GRUCell(Cell):
 
 @dataclass(frozen=True, eq=False)
 class LSTMCell(Cell):
-    """``torch.nn.LSTM``: gates ``(i, f, g, o)``; state ``(h, c)`` stored as ``[h, c]``."""
+    """``torch.nn.LSTM``: gates ``(i, f, g, o)``; state ``(h, c)`` stored as ``[h, c]``.
+
+    With ``weight_hr (P, H)`` (``torch.nn.LSTM(proj_size=P)``, ``0 < P < H``) the output is
+    projected, ``h' = W_hr (o ⊙ tanh c')`` of size ``P``, and ``W_hh`` is ``(4H, P)``: the state is
+    ``[h (P), c (H)]``.  Its per-unit Jacobian is then the diagonal of ``∂f/∂s`` (``h_j`` and
+    ``c_j`` are no longer one unit's pair), and the fused kernels do not serve it.
+    """
+
+    weight_hr: Tensor | None = None
 
     gate_count: ClassVar[int] = 4
     kind: ClassVar[str] = "lstm"
+    tensor_names: ClassVar[tuple[str, ...]] = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+    def __post_init__(self) -> None:
+        if self.weight_hr is not None:
+            check_floating("weight_hr", self.weight_hr)
+            if self.weight_hr.dim() != 2 or self.weight_hh.dim() != 2:
+                raise InputError("weight_hr and weight_hh must be matrices")
+            if self.weight_hr.dtype != self.weight_hh.dtype or self.weight_hr.device != self.weight_hh.device:
+                raise InputError("weight_hr must have the dtype and device of weight_hh")
+            rows, projected = self.weight_hh.shape
+            if rows % 4 or tuple(self.weight_hr.shape) != (projected, rows // 4):
+                raise InputError(
+                    f"weight_hr has shape {tuple(self.weight_hr.shape)} and weight_hh {tuple(self.weight_hh.shape)}; "
+                    "expected (P, H) and (4·H, P), torch.nn.LSTM's layout with proj_size = P"
+                )
+            if not 0 < projected < rows // 4:
+                raise InputError(f"proj_size must be between 0 and hidden_size, got {projected} for H = {rows // 4}")
+        super().__post_init__()
+
+    def _rebuild(self, **fields: Tensor | None) -> "Cell":
+        return LSTMCell(**fields)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weight_hh.shape[0] // 4 if self.weight_hr is not None else self.weight_hh.shape[1]
+
+    @property
+    def output_size(self) -> int:
+        return self.weight_hh.shape[1]
+
+    @property
+    def proj_size(self) -> int:
+        """``torch.nn.LSTM``'s ``proj_size``: ``P``, or 0 without a projection."""
+        return 0 if self.weight_hr is None else self.output_size
 
     @property
     def state_size(self) -> int:
-        return 2 * self.hidden_size
+        return self.output_size + self.hidden_size
+
+    @property
+    def unit_structure(self) -> Structure:
+        return "block2" if self.weight_hr is None else "diagonal"
+
+    @property
+    def fused_kernel(self) -> bool:
+        return self.weight_hr is None
 
     def hidden_of(self, state: Tensor) -> Tensor:
-        return state[..., : self.hidden_size]
+        return state[..., : self.output_size]
 
     def cell_of(self, state: Tensor) -> Tensor:
-        """The memory part ``c`` of a state ``(..., 2H) → (..., H)``."""
-        return state[..., self.hidden_size :]
+        """The memory part ``c`` of a state ``(..., P + H) → (..., H)``."""
+        return state[..., self.output_size :]
+
+    def _project(self, gated: Tensor) -> Tensor:
+        """``W_hr v`` for ``v (..., H)``; ``v`` itself without a projection."""
+        return gated if self.weight_hr is None else gated @ self.weight_hr.T
 
     def states_from_hidden(
         self, hidden: Tensor, inputs: Tensor, initial_state: Tensor, *, scan: bool | None = None
@@ -434,8 +512,8 @@ class LSTMCell(Cell):
         # With every h_{t−1} known, the gates i, f, g follow from one batched product over
         # [x_t, h_{t−1}], and c_t = f_t ⊙ c_{t−1} + i_t ⊙ g_t is a diagonal linear recurrence: a
         # scan on CUDA, a loop of one fused op per step on a CPU.
-        size = self.hidden_size
-        h0, c0 = initial_state[..., :size], initial_state[..., size:]
+        size, output = self.hidden_size, self.output_size
+        h0, c0 = initial_state[..., :output], initial_state[..., output:]
         previous_h = torch.cat((h0.unsqueeze(0), hidden[:-1]))
         rows = slice(0, 3 * size)  # (i, f, g); o is not needed
         weight = torch.cat((self.weight_ih[rows], self.weight_hh[rows]), dim=1)
@@ -457,23 +535,28 @@ class LSTMCell(Cell):
         return torch.cat((hidden, memory), dim=-1)
 
     def step(self, state: Tensor, projected_input: Tensor) -> Tensor:
-        hidden = self.hidden_size
-        h, c = state[..., :hidden], state[..., hidden:]
+        output = self.output_size
+        h, c = state[..., :output], state[..., output:]
         gates = self.preactivation(h, projected_input)
         i, f, g, o = gates.chunk(4, dim=-1)
         c_next = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
-        h_next = torch.sigmoid(o) * torch.tanh(c_next)
+        h_next = self._project(torch.sigmoid(o) * torch.tanh(c_next))
         return torch.cat((h_next, c_next), dim=-1)
 
     def jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
-        dh_dh, dh_dc, dc_dh, dc_dc = self._blocks(
+        # Rows of m = o ⊙ tanh(c') (the output before the projection), then h' = W_hr m.
+        dm_dh, dm_dc, dc_dh, dc_dc = self._blocks(
             state, projected_input, self.gate_weights(), lambda v, w: v.unsqueeze(-1) * w
         )
-        top = torch.cat((dh_dh, torch.diag_embed(dh_dc)), dim=-1)
+        top = torch.cat((dm_dh, torch.diag_embed(dm_dc)), dim=-1)
         bottom = torch.cat((dc_dh, torch.diag_embed(dc_dc)), dim=-1)
+        if self.weight_hr is not None:
+            top = self.weight_hr @ top
         return torch.cat((top, bottom), dim=-2)
 
     def unit_jacobian(self, state: Tensor, projected_input: Tensor) -> Tensor:
+        if self.weight_hr is not None:
+            return self._projected_diagonal(*self._factors(state, projected_input))
         # The diagonals of the four blocks of jacobian(), stacked per unit as [[hh, hc], [ch, cc]].
         weights = tuple(w.diagonal() for w in self.gate_weights())
         dh_dh, dh_dc, dc_dh, dc_dc = self._blocks(state, projected_input, weights, lambda v, w: v * w)
@@ -481,40 +564,53 @@ class LSTMCell(Cell):
         bottom = torch.stack((dc_dh, dc_dc), dim=-1)
         return torch.stack((top, bottom), dim=-2)
 
+    def _projected_diagonal(
+        self, u_i: Tensor, u_f: Tensor, u_g: Tensor, u_o: Tensor, through_c: Tensor, f: Tensor
+    ) -> Tensor:
+        """The diagonal of a projected cell's ``∂f/∂s``, ``(..., P + H)``, without the matrices:
+        ``(W_hr ∂m/∂h)_jj = Σ_k W_hr[j, k] (∂m/∂h)[k, j]`` with ``∂m/∂h = Σ_gates diag(coefficient) W_gate``,
+        one product of the coefficients ``(..., 4H)`` with ``W_hh ⊙ [W_hrᵀ; W_hrᵀ; W_hrᵀ; W_hrᵀ]``; then ``f``."""
+        coefficients = torch.cat((through_c * u_i, through_c * u_f, through_c * u_g, u_o), dim=-1)
+        mixing = self.weight_hh * self.weight_hr.T.repeat(4, 1)
+        return torch.cat((coefficients @ mixing, f), dim=-1)
+
     def linearization(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, ...]:
         *scalings, through_c, f = self._factors(state, projected_input)
         return torch.cat(scalings, dim=-1), through_c, f
 
     def transposed_jacobian_product(self, factors: tuple[Tensor, ...], vector: Tensor) -> Tensor:
-        # With m = o(1−tanh²c') ⊙ v_h + v_c (what reaches c'), from the blocks of _blocks:
-        # (Jᵀv)_h = W_hᵀ [u_i ⊙ m; u_f ⊙ m; u_g ⊙ m; u_o ⊙ v_h],  (Jᵀv)_c = f ⊙ m.
+        # With v_m = W_hrᵀ v_h (v_h without a projection) and m = o(1−tanh²c') ⊙ v_m + v_c (what
+        # reaches c'), from the blocks of _blocks:
+        # (Jᵀv)_h = W_hᵀ [u_i ⊙ m; u_f ⊙ m; u_g ⊙ m; u_o ⊙ v_m],  (Jᵀv)_c = f ⊙ m.
         scalings, through_c, f = factors
-        hidden = self.hidden_size
-        v_h, v_c = vector[..., :hidden], vector[..., hidden:]
-        reaching_c = torch.addcmul(v_c, through_c, v_h)
-        multipliers = torch.stack((reaching_c, reaching_c, reaching_c, v_h), dim=-2).flatten(-2)
+        output = self.output_size
+        v_h, v_c = vector[..., :output], vector[..., output:]
+        v_m = v_h if self.weight_hr is None else v_h @ self.weight_hr
+        reaching_c = torch.addcmul(v_c, through_c, v_m)
+        multipliers = torch.stack((reaching_c, reaching_c, reaching_c, v_m), dim=-2).flatten(-2)
         return torch.cat(((scalings * multipliers) @ self.weight_hh, f * reaching_c), dim=-1)
 
     def jacobian_product(self, factors: tuple[Tensor, ...], vector: Tensor) -> Tensor:
-        # (Jv)_c = Σ_{k∈i,f,g} u_k ⊙ (W_hk v_h) + f ⊙ v_c,  (Jv)_h = u_o ⊙ (W_ho v_h) + o(1−tanh²c') ⊙ (Jv)_c.
+        # (Jv)_c = Σ_{k∈i,f,g} u_k ⊙ (W_hk v_h) + f ⊙ v_c,  (Jv)_h = W_hr [u_o ⊙ (W_ho v_h) + o(1−tanh²c') ⊙ (Jv)_c].
         scalings, through_c, f = factors
-        hidden = self.hidden_size
-        v_h, v_c = vector[..., :hidden], vector[..., hidden:]
+        output = self.output_size
+        v_h, v_c = vector[..., :output], vector[..., output:]
         i_part, f_part, g_part, o_part = (scalings * (v_h @ self.weight_hh.T)).chunk(4, dim=-1)
         c_part = torch.addcmul(i_part + f_part + g_part, f, v_c)
-        return torch.cat((torch.addcmul(o_part, through_c, c_part), c_part), dim=-1)
+        return torch.cat((self._project(torch.addcmul(o_part, through_c, c_part)), c_part), dim=-1)
 
     def _factors(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, ...]:
         """``(u_i, u_f, u_g, u_o, o(1−tanh²c'), f)``: the row scalings of the gate blocks of
-        ``W_hh`` in ``∂c'/∂h = Σ_{k∈i,f,g} diag(u_k) W_hk`` and ``∂h'/∂h``'s ``diag(u_o) W_ho``,
-        the factor through which ``c'`` reaches ``h'``, and the forget gate."""
-        c = state[..., self.hidden_size :]
+        ``W_hh`` in ``∂c'/∂h = Σ_{k∈i,f,g} diag(u_k) W_hk`` and ``∂m/∂h``'s ``diag(u_o) W_ho``
+        (``m = o ⊙ tanh c'``, the output before any projection), the factor through which ``c'``
+        reaches ``m``, and the forget gate."""
+        c = self.cell_of(state)
         i, f, g, o = self._activated_gates(state, projected_input)
         return self._factors_of_gates(c, i, f, g, o, torch.tanh(f * c + i * g))
 
     def _activated_gates(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(σ(i), σ(f), tanh(g), σ(o))`` at ``(s, x)``, from one product with ``W_hh``."""
-        i, f, g, o = self.preactivation(state[..., : self.hidden_size], projected_input).chunk(4, dim=-1)
+        i, f, g, o = self.preactivation(self.hidden_of(state), projected_input).chunk(4, dim=-1)
         return torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
 
     @staticmethod
@@ -522,11 +618,14 @@ class LSTMCell(Cell):
         return g * i * (1 - i), c * f * (1 - f), i * (1 - g**2), tanh_c * o * (1 - o), o * (1 - tanh_c**2), f
 
     def _image_and_unit_jacobian(self, state: Tensor, projected_input: Tensor) -> tuple[Tensor, Tensor]:
-        c = state[..., self.hidden_size :]
+        c = self.cell_of(state)
         i, f, g, o = self._activated_gates(state, projected_input)
         c_next = torch.addcmul(f * c, i, g)
         tanh_c = torch.tanh(c_next)
         u_i, u_f, u_g, u_o, through_c, f = self._factors_of_gates(c, i, f, g, o, tanh_c)
+        if self.weight_hr is not None:
+            image = torch.cat((self._project(o * tanh_c), c_next), dim=-1)
+            return image, self._projected_diagonal(u_i, u_f, u_g, u_o, through_c, f)
         w_i, w_f, w_g, w_o = (w.diagonal() for w in self.gate_weights())
         dc_dh = torch.addcmul(torch.mul(u_f, w_f).addcmul_(u_i, w_i), u_g, w_g)
         dh_dh = torch.addcmul(u_o * w_o, through_c, dc_dh)
@@ -536,11 +635,12 @@ class LSTMCell(Cell):
     def _blocks(
         self, state: Tensor, projected_input: Tensor, weights: tuple[Tensor, ...], scale: Callable[[Tensor, Tensor], Tensor]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(∂h'/∂h, diag ∂h'/∂c, ∂c'/∂h, diag ∂c'/∂c)``; ``scale(v, W)`` is ``diag(v) W`` for the
-        full Jacobian and ``v ⊙ diag(W)`` for its per-unit part, given the matching ``weights``.
+        """``(∂m/∂h, diag ∂m/∂c, ∂c'/∂h, diag ∂c'/∂c)`` for ``m = o ⊙ tanh c'`` (``h' = m``, or
+        ``W_hr m`` with a projection); ``scale(v, W)`` is ``diag(v) W`` for the full Jacobian and
+        ``v ⊙ diag(W)`` for its per-unit part, given the matching ``weights``.
 
         ∂c'/∂h = diag(c f(1−f)) W_hf + diag(g i(1−i)) W_hi + diag(i(1−g²)) W_hg,  ∂c'/∂c = diag(f)
-        ∂h'/∂h = diag(tanh(c') o(1−o)) W_ho + diag(o(1−tanh²c')) ∂c'/∂h,  ∂h'/∂c = diag(o(1−tanh²c') f)
+        ∂m/∂h = diag(tanh(c') o(1−o)) W_ho + diag(o(1−tanh²c')) ∂c'/∂h,  ∂m/∂c = diag(o(1−tanh²c') f)
         """
         u_i, u_f, u_g, u_o, through_c, f = self._factors(state, projected_input)
         w_i, w_f, w_g, w_o = weights

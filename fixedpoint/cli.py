@@ -63,7 +63,11 @@ class _Parser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments:"):
             options = _option_strings(self)
             for word in message.split(":", 1)[1].split():
-                close = difflib.get_close_matches(word.split("=")[0], options, n=1)
+                option = word.split("=")[0]
+                close = difflib.get_close_matches(option, options, n=1)
+                if close == [option]:  # spelt right, but an option of another subcommand
+                    message += f" ({option} is not an option of this subcommand)"
+                    break
                 if close:
                     message += f" (did you mean {close[0]}?)"
                     break
@@ -117,6 +121,8 @@ def _add_problem_arguments(command: argparse.ArgumentParser) -> None:
     model.add_argument("--nonlinearity", choices=["tanh", "relu"], help="Elman nonlinearity (default tanh)")
     model.add_argument("--hidden", type=_positive_int, help="hidden size H (default 64)")
     model.add_argument("--input-size", type=_positive_int, help="input size I (default: hidden)")
+    model.add_argument("--proj-size", type=_positive_int,
+                       help="LSTM only: project h to this size P < H, as torch.nn.LSTM's proj_size (default none)")
     model.add_argument(
         "--layers", type=_integer_parser(1, MAX_LAYERS + 1, f"an integer in [1, {MAX_LAYERS}]"),
         help=f"stacked layers, at most {MAX_LAYERS} (default 1)",
@@ -299,6 +305,8 @@ def _weights_network(args: argparse.Namespace, dtype: torch.dtype | None = None)
     _check_agrees("--cell", args.cell, network.kind, source)
     _check_agrees("--hidden", args.hidden, network.hidden_size, source)
     _check_agrees("--input-size", args.input_size, network.input_size, source)
+    if getattr(args, "proj_size", None) is not None:
+        _check_agrees("--proj-size", args.proj_size, network.proj_size, source)
     return network, source
 
 
@@ -338,6 +346,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Network, torch.Tensor, str]:
             nonlinearity=args.nonlinearity or "tanh",
             scale=1.0 if args.scale is None else args.scale,
             seed=args.seed,
+            proj_size=args.proj_size or 0,
         )
     dtype = _resolve_dtype(args, network, inputs)
     network = network.to(dtype=dtype, device=device)
@@ -499,6 +508,11 @@ def _format_predictability(fields: dict[str, Any] | None) -> str:
             f"over {fields['window']} steps); predicted iterations {predicted} (estimates)")
 
 
+def _projection(report: dict[str, Any]) -> str:
+    """``", P=3"`` for an LSTM with ``proj_size``, else nothing."""
+    return f", P={report['proj_size']}" if report.get("proj_size") else ""
+
+
 def _problem_fields(network: Network, inputs: torch.Tensor) -> dict[str, Any]:
     """The keys that describe the problem, shared by every subcommand's report."""
     return {
@@ -507,6 +521,7 @@ def _problem_fields(network: Network, inputs: torch.Tensor) -> dict[str, Any]:
         "seq_len": inputs.shape[0],
         "batch": inputs.shape[1],
         "hidden": network.hidden_size,
+        "proj_size": network.proj_size,
         "input_size": network.input_size,
         "layers": network.num_layers,
         "bidirectional": network.bidirectional,
@@ -539,7 +554,7 @@ def _format_table(report: dict[str, Any]) -> str:
     reference = {"elman": "RNN", "gru": "GRU", "lstm": "LSTM"}[report["cell"]]
     rows = [
         ("problem", f"{report['cell']}{nonlinearity}, T={report['seq_len']}, B={report['batch']}, "
-                    f"H={report['hidden']}, I={report['input_size']}, layers={report['layers']}{direction}"),
+                    f"H={report['hidden']}{_projection(report)}, I={report['input_size']}, layers={report['layers']}{direction}"),
         ("numbers", f"{report['dtype']} on {report['device']}"),
         ("solver", f"{report['solver']}{_ran(report)} (rtol {report['rtol']:.0e}, atol {report['atol']:.0e})"),
         ("converged", status),
@@ -714,8 +729,8 @@ def _run_check(args: argparse.Namespace) -> int:
     estimated = "n/a" if result["estimated"] is None else f"{result['estimated']:.4g}"
     rate = "n/a" if result["observed_rate"] is None else f"{result['observed_rate']:.3g}"
     rows = [
-        ("problem", f"{network.describe()}, T={result['seq_len']}, B={result['batch']}, H={result['hidden']}, "
-                    f"layers={result['layers']}, {result['dtype']}"),
+        ("problem", f"{network.describe()}, T={result['seq_len']}, B={result['batch']}, H={result['hidden']}"
+                    f"{_projection(result)}, layers={result['layers']}, {result['dtype']}"),
         ("norm", f"{args.norm}" + (" of max(‖h‖, ‖c‖)" if network.kind == "lstm" else "")),
         ("certified, every input", f"{result['global_bound']:.4g}"),
         ("certified, these inputs", f"{result['conditional_bound']:.4g}  (max over steps t ≥ 2)"),

@@ -143,8 +143,18 @@ def _step_bounds(
 
 
 def _box_radius(cell: Cell, initial_state: Tensor) -> Tensor:
-    """``ρ_b = max(1, ‖h_0‖_∞)`` per sample, shaped ``(1, B, 1)`` to broadcast over ``(T, B, H)``."""
-    return torch.clamp(cell.hidden_of(initial_state).abs().amax(-1), min=1.0)[None, :, None]
+    """``ρ_b = max(1, ‖h_0‖_∞)`` per sample, shaped ``(1, B, 1)`` to broadcast over ``(T, B, H)``;
+    for a projected LSTM ``max(‖W_hr‖_∞, ‖h_0‖_∞)``, since ``|h_t| = |W_hr (o ⊙ tanh c_t)| ≤ Σ_k |W_hr[j, k]|``."""
+    reach = _projection_reach(cell)
+    least = 1.0 if reach is None else float(reach.max())
+    return torch.clamp(cell.hidden_of(initial_state).abs().amax(-1), min=least)[None, :, None]
+
+
+def _projection_reach(cell: Cell) -> Tensor | None:
+    """``Σ_k |W_hr[j, k]|`` per output ``j`` ``(P,)``: the bound on ``|h_j|`` of a projected LSTM
+    (``None`` without a projection, where ``|h_j| ≤ 1``)."""
+    weight = getattr(cell, "weight_hr", None)
+    return None if weight is None else weight.abs().sum(-1)
 
 
 def _gate_intervals(cell: Cell, p_lo: Tensor, p_hi: Tensor, rho: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -298,12 +308,21 @@ def _lstm_bounds(
         )
         dh_dc = (through_c[s] * f_hi[s]).amax(-1)  # diagonal blocks: norm = max entry
         dc_dc = f_hi[s].amax(-1)
+        # With a projection the h rows are W_hr times the rows of m = o ⊙ tanh c' bounded above:
+        # row sums through |W_hr| (∞-norm), or a factor ‖W_hr‖₂ (2-norm).
         if norm == "inf":  # row sums per unit, then the max over units
-            pieces.append(torch.maximum((dh_dh + through_c[s] * f_hi[s]).amax(-1), (dc_dh + f_hi[s]).amax(-1)))
+            h_rows = dh_dh + through_c[s] * f_hi[s]
+            if cell.weight_hr is not None:
+                h_rows = h_rows @ cell.weight_hr.abs().T
+            pieces.append(torch.maximum(h_rows.amax(-1), (dc_dh + f_hi[s]).amax(-1)))
         else:
-            pieces.append(torch.maximum(dh_dh + dh_dc, dc_dh + dc_dc))
-    h_norm = _vector_norm(torch.ones_like(c_out), norm)
-    return StepBounds(torch.cat(pieces), torch.maximum(h_norm, _vector_norm(c_out, norm)))
+            h_rows = dh_dh + dh_dc
+            if cell.weight_hr is not None:
+                h_rows = h_rows * torch.linalg.matrix_norm(cell.weight_hr, ord=2)
+            pieces.append(torch.maximum(h_rows, dc_dh + dc_dc))
+    reach = _projection_reach(cell)
+    h_bound = torch.ones_like(c_out) if reach is None else reach.expand(*c_out.shape[:-1], -1)
+    return StepBounds(torch.cat(pieces), torch.maximum(_vector_norm(h_bound, norm), _vector_norm(c_out, norm)))
 
 
 # -- certified global bounds ---------------------------------------------------------------------
@@ -358,7 +377,7 @@ def _unbounded_input_bound(cell: Cell, norm: Norm, seq_len: int) -> float:
     lo = torch.full(shape, -math.inf, dtype=cell.dtype, device=cell.device)
     initial_state = torch.zeros(1, cell.state_size, dtype=cell.dtype, device=cell.device)
     if isinstance(cell, LSTMCell):
-        initial_state[:, cell.hidden_size :] = seq_len - 1
+        initial_state[:, cell.output_size :] = seq_len - 1
     bounds = _step_bounds(cell, (lo, -lo), initial_state, norm)
     return float(bounds.lipschitz.max())
 
@@ -419,18 +438,18 @@ def estimated_step_norms(system: SequenceSystem, states: Tensor, norm: Norm = "2
     norm = check_norm(norm)
     cell = system.cell
     previous = torch.cat((system.initial_state.unsqueeze(0), states[:-1]))
-    lstm_hidden = cell.hidden_size if isinstance(cell, LSTMCell) else None
+    lstm_hidden = cell.output_size if isinstance(cell, LSTMCell) else None
     pieces = []
     for i in range(0, system.seq_len, chunk):
         jacobians = cell.jacobian(previous[i : i + chunk], system.projected_inputs[i : i + chunk])
         if lstm_hidden is not None and norm == "2":
-            pieces.append(_lstm_operator_norms(jacobians, lstm_hidden))
+            pieces.append(_lstm_operator_norms(jacobians, lstm_hidden, projected=cell.weight_hr is not None))
         else:
             pieces.append(operator_norms(jacobians, norm, lstm_hidden))
     return torch.cat(pieces)
 
 
-def _lstm_operator_norms(jacobians: Tensor, hidden: int) -> Tensor:
+def _lstm_operator_norms(jacobians: Tensor, hidden: int, projected: bool = False) -> Tensor:
     """:func:`operator_norms` of LSTM cell Jacobians in the 2-norm of ``max(‖h‖, ‖c‖)``, using
     their structure: ``∂h'/∂c`` and ``∂c'/∂c`` are diagonal, so their norms are their largest
     entries, and only the two ``∂·/∂h`` blocks need an SVD."""
@@ -438,7 +457,8 @@ def _lstm_operator_norms(jacobians: Tensor, hidden: int) -> Tensor:
         return block.diagonal(dim1=-2, dim2=-1).abs().amax(-1)
 
     h = hidden
-    top = operator_norms(jacobians[..., :h, :h], "2") + diagonal_norm(jacobians[..., :h, h:])
+    through_c = operator_norms(jacobians[..., :h, h:], "2") if projected else diagonal_norm(jacobians[..., :h, h:])
+    top = operator_norms(jacobians[..., :h, :h], "2") + through_c
     bottom = operator_norms(jacobians[..., h:, :h], "2") + diagonal_norm(jacobians[..., h:, h:])
     return torch.maximum(top, bottom)
 

@@ -173,7 +173,7 @@ def parallel_correction(trajectory: Trajectory, residual: Tensor) -> Tensor | No
     most :data:`PARALLEL_RTOL` of its size in every sample, or ``None`` after
     :data:`PARALLEL_ITERATIONS` (where ``J`` expands, the caller's loop is cheaper)."""
     cell = trajectory.cell
-    structure = "block2" if cell.kind == "lstm" else "diagonal"
+    structure = cell.unit_structure
     factors = trajectory.factors()
     unit = cell.unit_jacobian(trajectory.previous, trajectory.projected)
     zero = residual.new_zeros(residual.shape[1:])

@@ -47,14 +47,14 @@ class Network:
         first = self.cells[0][0]
         object.__setattr__(self, "kind", first.kind)
         for layer_index, layer in enumerate(self.cells):
-            expected_input = first.input_size if layer_index == 0 else self.num_directions * self.hidden_size
+            expected_input = first.input_size if layer_index == 0 else self.num_directions * self.output_size
             for cell in layer:
                 if type(cell) is not type(first) or getattr(cell, "nonlinearity", None) != getattr(
                     first, "nonlinearity", None
                 ):
                     raise InputError("all cells of a network must be of one type")
-                if cell.hidden_size != first.hidden_size:
-                    raise InputError("all cells of a network must have one hidden size")
+                if cell.hidden_size != first.hidden_size or cell.output_size != first.output_size:
+                    raise InputError("all cells of a network must have one hidden size (and one proj_size)")
                 if cell.input_size != expected_input:
                     raise InputError(
                         f"layer {layer_index} cells take inputs of size {cell.input_size}; "
@@ -85,6 +85,16 @@ class Network:
     @property
     def hidden_size(self) -> int:
         return self.cells[0][0].hidden_size
+
+    @property
+    def output_size(self) -> int:
+        """The size of each direction's output ``h``: ``H``, or an LSTM's ``proj_size``."""
+        return self.cells[0][0].output_size
+
+    @property
+    def proj_size(self) -> int:
+        """``torch.nn.LSTM``'s ``proj_size`` (0: no projection, and for RNN and GRU)."""
+        return getattr(self.cells[0][0], "proj_size", 0)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -124,8 +134,6 @@ class Network:
             raise InputError(
                 f"expected torch.nn.RNN, GRU or LSTM, got {type(module).__name__}"
             )
-        if getattr(module, "proj_size", 0):
-            raise InputError("LSTM with proj_size > 0 is not supported")
         nonlinearity = getattr(module, "nonlinearity", "tanh")
         network = cls.from_state_dict(module.state_dict(), kind=kind, nonlinearity=nonlinearity)
         return Network(network.cells, batch_first=bool(module.batch_first))
@@ -151,17 +159,19 @@ class Network:
             raise InputError(
                 "not a torch.nn RNN/GRU/LSTM state_dict: there is no 'weight_hh_l0' entry"
             )
-        if any(key.startswith("weight_hr") for key in state_dict):
-            raise InputError("LSTM with proj_size > 0 is not supported")
         for key, value in state_dict.items():
             if not isinstance(value, Tensor):
                 raise InputError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor")
         weight_hh = state_dict["weight_hh_l0"]
         if weight_hh.dim() != 2:
             raise InputError(f"weight_hh_l0 must be a matrix, got shape {tuple(weight_hh.shape)}")
-        hidden = weight_hh.shape[-1]
-        gates = weight_hh.shape[0] // hidden if hidden else 0
-        inferred = _KIND_OF_GATES.get(gates) if weight_hh.shape[0] == gates * hidden else None
+        if "weight_hr_l0" in state_dict:
+            # A projection (LSTM's proj_size): weight_hh is (4H, P); the cell checks weight_hr (P, H).
+            inferred = "lstm" if weight_hh.shape[0] % 4 == 0 else None
+        else:
+            hidden = weight_hh.shape[-1]
+            gates = weight_hh.shape[0] // hidden if hidden else 0
+            inferred = _KIND_OF_GATES.get(gates) if weight_hh.shape[0] == gates * hidden else None
         if inferred is None:
             raise InputError(f"weight_hh_l0 has shape {tuple(weight_hh.shape)}; not an RNN/GRU/LSTM")
         if kind is not None and kind != inferred:
@@ -173,7 +183,7 @@ class Network:
         while f"weight_hh_l{layer}" in state_dict:
             directions = []
             for suffix in ("", "_reverse"):
-                names = [f"{p}_l{layer}{suffix}" for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                names = [f"{p}_l{layer}{suffix}" for p in cell_type.tensor_names]
                 if names[1] not in state_dict:
                     continue
                 known.update(names)
@@ -196,7 +206,7 @@ class Network:
         for layer_index, layer in enumerate(self.cells):
             for direction, cell in enumerate(layer):
                 suffix = f"_l{layer_index}" + ("_reverse" if direction else "")
-                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                for name in cell.tensor_names:
                     value = getattr(cell, name)
                     if value is not None:
                         out[name + suffix] = value
@@ -216,6 +226,8 @@ class Network:
         )
         if self.kind == "elman":
             options["nonlinearity"] = self.nonlinearity
+        if self.proj_size:
+            options["proj_size"] = self.proj_size
         module = TORCH_MODULES[self.kind](**options)
         module.load_state_dict(self.state_dict())
         return module
@@ -236,9 +248,11 @@ class Network:
         seed: int = 0,
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
+        proj_size: int = 0,
     ) -> "Network":
         """``torch.nn``'s default initialisation, ``U(−1/√H, 1/√H)``, drawn from ``seed``,
-        with every recurrent matrix ``W_hh`` multiplied by ``scale``."""
+        with every recurrent matrix ``W_hh`` multiplied by ``scale``.  ``proj_size = P > 0``
+        (LSTM only, ``P < H``): projected outputs, with ``weight_hr (P, H)`` drawn last in each cell."""
         if kind not in CELL_TYPES:
             raise InputError(f"cell must be one of {sorted(CELL_TYPES)}, got {kind!r}")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
@@ -249,6 +263,12 @@ class Network:
         check_seed(seed)
         if kind != "elman" and nonlinearity != "tanh":
             raise InputError(f"nonlinearity applies to Elman cells only, not {kind}")
+        if not isinstance(proj_size, int) or isinstance(proj_size, bool) or proj_size < 0:
+            raise InputError(f"proj_size must be an integer ≥ 0, got {proj_size!r}")
+        if proj_size and kind != "lstm":
+            raise InputError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if proj_size >= hidden_size:
+            raise InputError(f"proj_size has to be smaller than hidden_size, got {proj_size} ≥ {hidden_size}")
         if dtype not in SUPPORTED_DTYPES:
             raise InputError(f"dtype must be float32 or float64, got {dtype}")
         generator = torch.Generator().manual_seed(seed)
@@ -262,14 +282,17 @@ class Network:
             return sample.to(dtype=dtype, device=device)
 
         layers = []
+        output = proj_size or hidden_size
         for layer_index in range(num_layers):
-            layer_input = input_size if layer_index == 0 else directions * hidden_size
+            layer_input = input_size if layer_index == 0 else directions * output
             cells = []
             for _ in range(directions):
                 weight_ih = uniform(rows, layer_input)
-                weight_hh = uniform(rows, hidden_size) * scale
+                weight_hh = uniform(rows, output) * scale
                 biases = (uniform(rows), uniform(rows)) if bias else (None, None)
                 extra = {"nonlinearity": nonlinearity} if kind == "elman" else {}
+                if proj_size:
+                    extra = {"weight_hr": uniform(proj_size, hidden_size)}
                 cells.append(CELL_TYPES[kind](weight_ih, weight_hh, *biases, **extra))
             layers.append(tuple(cells))
         return cls(tuple(layers))

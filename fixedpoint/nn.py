@@ -123,9 +123,15 @@ class LayerOptions:
     max_steps: int | None
     adjoint: AdjointMethod
 
-    def cell(self, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor | None, bias_hh: Tensor | None) -> Cell:
+    def cell(self, *weights: Tensor | None) -> Cell:
+        """The cell of ``weights`` in :attr:`tensor_names`' order (an LSTM's ``weight_hr`` last, or ``None``)."""
         extra = {} if self.nonlinearity is None else {"nonlinearity": self.nonlinearity}
-        return CELL_TYPES[self.kind](weight_ih, weight_hh, bias_ih, bias_hh, **extra)
+        return CELL_TYPES[self.kind](*weights, **extra)
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The weights a layer takes, as ``torch.nn`` names them (without ``_l{k}``)."""
+        return CELL_TYPES[self.kind].tensor_names
 
 
 class SolvedLayer(torch.autograd.Function):
@@ -147,13 +153,10 @@ class SolvedLayer(torch.autograd.Function):
         lengths: Tensor | None,
         inputs: Tensor,
         initial_state: Tensor,
-        weight_ih: Tensor,
-        weight_hh: Tensor,
-        bias_ih: Tensor | None,
-        bias_hh: Tensor | None,
+        *weights: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         with _in_weights_dtype(inputs):
-            cell = options.cell(weight_ih, weight_hh, bias_ih, bias_hh)
+            cell = options.cell(*weights)
             system = SequenceSystem.build(cell, inputs, initial_state)
             solution = solve(system, options.solver, max_steps=options.max_steps)
         ctx.options = options
@@ -164,7 +167,7 @@ class SolvedLayer(torch.autograd.Function):
         # Inside forward autograd is always off: ``grad_enabled`` says whether it was on at the call.
         if grad_enabled and any(ctx.needs_input_grad):
             states = solution.value
-            ctx.save_for_backward(inputs, initial_state, states, weight_ih, weight_hh, bias_ih, bias_hh)
+            ctx.save_for_backward(inputs, initial_state, states, *weights)
             if hidden.untyped_storage().data_ptr() == states.untyped_storage().data_ptr():
                 hidden = hidden.clone()  # the caller may modify its output in place, as torch.nn allows
         # The final state must not share memory with the output or the saved solution either.
@@ -174,13 +177,13 @@ class SolvedLayer(torch.autograd.Function):
     def backward(ctx: Any, hidden_gradient: Tensor, final_gradient: Tensor) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():  # create_graph=True: the backward must itself be differentiable
             return (None, None, None, *_differentiable_backward(ctx, hidden_gradient, final_gradient))
-        inputs, initial_state, states, weight_ih, weight_hh, bias_ih, bias_hh = ctx.saved_tensors
+        inputs, initial_state, states, *weights = ctx.saved_tensors
         options: LayerOptions = ctx.options
         with _in_weights_dtype(inputs):
-            cell = options.cell(weight_ih, weight_hh, bias_ih, bias_hh)
+            cell = options.cell(*weights)
             system = SequenceSystem(cell, inputs, initial_state)
             state_gradients = torch.zeros_like(states)
-            state_gradients[..., : cell.hidden_size] = hidden_gradient
+            state_gradients[..., : cell.output_size] = hidden_gradient
             if ctx.lengths is None:
                 state_gradients[-1] += final_gradient
             else:
@@ -188,7 +191,10 @@ class SolvedLayer(torch.autograd.Function):
                 last = (lengths - 1, torch.arange(lengths.shape[0], device=lengths.device))
                 state_gradients.index_put_(last, final_gradient, accumulate=True)
             adjoint = adjoint_states(system, states, state_gradients, method=options.adjoint)
-            gradients = solution_gradients(system, states, adjoint, ctx.needs_input_grad[3:])
+            # An LSTM layer may be given no weight_hr at all: it needs no gradient.
+            given = ctx.needs_input_grad[3:]
+            needs = (*given, *(False,) * (2 + len(cell.tensor_names) - len(given)))
+            gradients = solution_gradients(system, states, adjoint, needs)[: len(given)]
         return (None, None, None, *gradients)
 
 
@@ -198,11 +204,11 @@ def _differentiable_backward(ctx: Any, hidden_gradient: Tensor, final_gradient: 
     is run again step by step under autograd from the saved inputs — its states are the solution,
     to the solve's tolerance — and differentiated with ``create_graph=True``.  The adjoint
     recurrence is not differentiable; this costs a sequential pass, only when asked for."""
-    inputs, initial_state, _, weight_ih, weight_hh, bias_ih, bias_hh = ctx.saved_tensors
-    leaves = (inputs, initial_state, weight_ih, weight_hh, bias_ih, bias_hh)
+    inputs, initial_state, _, *weights = ctx.saved_tensors
+    leaves = (inputs, initial_state, *weights)
     wanted = [i for i, (leaf, need) in enumerate(zip(leaves, ctx.needs_input_grad[3:])) if need and leaf is not None]
     with _in_weights_dtype(inputs):
-        cell = ctx.options.cell(weight_ih, weight_hh, bias_ih, bias_hh)
+        cell = ctx.options.cell(*weights)
         projected = cell.input_projection(inputs)
         state, states = initial_state, []
         for t in range(inputs.shape[0]):
@@ -276,6 +282,11 @@ class _Solved:
     load_state_dict: Any
     named_parameters: Any
 
+    @property
+    def _output_size(self) -> int:
+        """The size of ``h``: ``hidden_size``, or an LSTM's ``proj_size`` when it is set."""
+        return getattr(self, "proj_size", 0) or self.hidden_size
+
     def _configure(self, solver: Solver | str | None, max_steps: int | None, adjoint: ModuleAdjoint) -> None:
         check_integer("max_steps", max_steps, allow_none=True)
         resolved = resolve_solver(solver)
@@ -311,8 +322,6 @@ class _Solved:
         stay frozen); ``options``: ``solver``, ``max_steps``, ``adjoint``."""
         if not isinstance(module, cls._torch_type):
             raise InputError(f"expected a torch.nn.{cls._torch_type.__name__}, got {type(module).__name__}")
-        if getattr(module, "proj_size", 0):
-            raise InputError("LSTM with proj_size > 0 is not supported")
         solved = cls(module.input_size, module.hidden_size, **_configuration(module), **options)
         _copy_parameters(module, solved)
         return solved
@@ -331,8 +340,9 @@ class _Solved:
         batch = int(packed.batch_sizes[0]) if packed is not None else input.shape[0 if self.batch_first else 1]
         count = self.num_layers * (2 if self.bidirectional else 1)
         if hx is None:
-            zeros = torch.zeros(count, batch, self.hidden_size, dtype=input.dtype, device=input.device)
-            parts: tuple[Tensor, ...] = (zeros, zeros) if lstm else (zeros,)
+            zeros = torch.zeros(count, batch, self._output_size, dtype=input.dtype, device=input.device)
+            memory = torch.zeros(count, batch, self.hidden_size, dtype=input.dtype, device=input.device)
+            parts: tuple[Tensor, ...] = (zeros, memory) if lstm else (zeros,)
         else:
             pair = isinstance(hx, (tuple, list))
             if lstm != pair or (lstm and len(hx) != 2):
@@ -397,7 +407,7 @@ class _Solved:
             outputs = []
             for direction in range(directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                weights = [getattr(self, f"{kind}{suffix}", None) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                weights = [getattr(self, f"{name}{suffix}", None) for name in options.tensor_names]
                 sequence = reversed_within(layer_input, reverse_order) if direction else layer_input
                 state = initial[layer * directions + direction]
                 if through_kernel:
@@ -417,9 +427,9 @@ class _Solved:
         if not batched:
             output = output.squeeze(batch_axis)
             final_states = final_states.squeeze(1)
-        h_n = final_states[..., : self.hidden_size].contiguous()
+        h_n = final_states[..., : self._output_size].contiguous()
         if self._kind == "lstm":
-            return output, (h_n, final_states[..., self.hidden_size :].contiguous())
+            return output, (h_n, final_states[..., self._output_size :].contiguous())
         return output, h_n
 
 
@@ -448,6 +458,8 @@ def _configuration(module: nn.RNNBase) -> dict[str, Any]:
     )
     if isinstance(module, nn.RNN):
         configuration["nonlinearity"] = module.nonlinearity
+    if isinstance(module, nn.LSTM):
+        configuration["proj_size"] = module.proj_size
     return configuration
 
 
@@ -522,7 +534,7 @@ class GRU(_Solved, nn.GRU):
 
 
 class LSTM(_Solved, nn.LSTM):
-    """``torch.nn.LSTM`` solved as a fixed point (``proj_size = 0`` only); see the module docstring."""
+    """``torch.nn.LSTM`` solved as a fixed point, ``proj_size`` included; see the module docstring."""
 
     _kind = "lstm"
     _torch_type = nn.LSTM
@@ -545,8 +557,6 @@ class LSTM(_Solved, nn.LSTM):
         adjoint: ModuleAdjoint = "auto",
         **torch_options: Any,
     ) -> None:
-        if proj_size != 0:
-            raise InputError("LSTM with proj_size > 0 is not supported: its state is not (h, c) of one size")
         nn.LSTM.__init__(
             self, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
             device=device, dtype=dtype, **torch_options,

@@ -692,7 +692,7 @@ def solve_network(
     # The certificates are analysis, not solving: their time is not the solve's.
     wall_time = time.perf_counter() - started - sum(s.stats.certify_time for layer in layers for s in layer)
     final_states = torch.stack(finals)  # (L·D, B, S)
-    hidden_size = network.hidden_size
+    hidden_size = network.output_size
     if lengths is not None:
         layer_input = layer_input * padding_mask(lengths, layer_input.shape[0])
     output = layer_input.transpose(0, 1) if network.batch_first else layer_input
@@ -705,7 +705,7 @@ def _initial_states(network: Network, hx: Any, batch: int) -> list[Tensor | None
     count = network.num_layers * network.num_directions
     if hx is None:
         return [None] * count
-    expected = (count, batch, network.hidden_size)
+    expected = (count, batch, network.output_size)
     if network.kind == "lstm":
         if not (isinstance(hx, tuple) and len(hx) == 2):
             raise InputError("an LSTM takes hx = (h_0, c_0)")
@@ -716,6 +716,8 @@ def _initial_states(network: Network, hx: Any, batch: int) -> list[Tensor | None
         parts = (hx,)
     for name, part in zip(("h_0", "c_0"), parts):
         check_floating(name, part)
+        if name == "c_0":  # the memory has H units whatever the projection
+            expected = (count, batch, network.hidden_size)
         if tuple(part.shape) != expected:
             raise InputError(f"{name} must have shape {expected}, got {tuple(part.shape)}")
     states = torch.cat(parts, dim=-1)  # (L·D, B, S)

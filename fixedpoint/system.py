@@ -107,7 +107,7 @@ class SequenceSystem:
     def _step(self, previous: Tensor, projected_inputs: Tensor) -> Tensor:
         """:meth:`Cell.step` on every position at once: on CUDA one fused kernel after the product."""
         cell = self.cell
-        if use_kernels(previous, projected_inputs, cell.weight_hh, cell.bias_hh):
+        if cell.fused_kernel and use_kernels(previous, projected_inputs, cell.weight_hh, cell.bias_hh):
             from fixedpoint.kernels.cells import step  # imports Triton
 
             return step(cell, previous, projected_inputs)
@@ -119,7 +119,7 @@ class SequenceSystem:
         are the iterate's).  On CUDA one fused kernel does both after the product with ``W_hh``."""
         previous = self._previous(states, start)
         cell, window = self.cell, states[start:]
-        if use_kernels(previous, self.projected_inputs, cell.weight_hh, cell.bias_hh):
+        if cell.fused_kernel and use_kernels(previous, self.projected_inputs, cell.weight_hh, cell.bias_hh):
             from fixedpoint.kernels.cells import measured_step  # imports Triton
 
             return measured_step(cell, previous, self.projected_inputs[start:], window, test)

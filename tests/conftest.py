@@ -54,10 +54,10 @@ def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> Tensor:
 
 def make_hx(network: Network, batch: int, *, seed: int, scale: float = 0.5) -> Tensor | tuple[Tensor, Tensor]:
     """A non-zero ``hx`` in ``torch.nn``'s layout: ``h_0`` or ``(h_0, c_0)`` for LSTM."""
-    shape = (network.num_layers * network.num_directions, batch, network.hidden_size)
-    h0 = scale * randn(*shape, seed=seed, dtype=network.dtype)
-    if network.kind == "lstm":
-        return h0, scale * randn(*shape, seed=seed + 1, dtype=network.dtype)
+    count = network.num_layers * network.num_directions
+    h0 = scale * randn(count, batch, network.output_size, seed=seed, dtype=network.dtype)
+    if network.kind == "lstm":  # c_0 has H units, h_0 P with a projection
+        return h0, scale * randn(count, batch, network.hidden_size, seed=seed + 1, dtype=network.dtype)
     return h0
 
 
@@ -95,6 +95,8 @@ def pytest_configure(config: pytest.Config) -> None:
     loop = SequenceSystem.sequential
 
     def permuted_sequential(self: SequenceSystem, kernel: str = "loop") -> Tensor:
+        if getattr(self.cell, "weight_hr", None) is not None:  # projected LSTM: not permuted here
+            return loop(self, kernel)
         order = _unit_order(self.cell.hidden_size)
         states = output_order(order, self.cell.state_size // self.cell.hidden_size)  # LSTM: (h, c) alike
         cell = permute_hidden_units(Network(((self.cell,),)), order).cells[0][0]
@@ -109,6 +111,8 @@ def _unit_order(hidden: int) -> Tensor:
 
 
 def _permuted_reference(network: Network, inputs: Tensor, hx: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    if network.proj_size:  # projected LSTM: not permuted here
+        return run_reference(network.to_torch(), inputs, hx)
     order = _unit_order(network.hidden_size)
     permuted = permute_hidden_units(network, order).to_torch()
     output, h_n, c_n = run_reference(permuted, inputs, permute_initial_state(hx, order))

@@ -303,8 +303,18 @@ def test_file_with_other_content(tmp_path):
 def test_from_torch_refuses_other_modules():
     with pytest.raises(InputError, match="RNN, GRU or LSTM"):
         Network.from_torch(nn.Linear(3, 4))
-    with pytest.raises(InputError, match="proj_size"):
-        Network.from_torch(nn.LSTM(3, 4, proj_size=2))
+
+
+
+def test_a_projection_must_have_torch_nn_s_layout():
+    weights = Network.random("lstm", 3, 4, proj_size=2, seed=0).state_dict()
+    for bad in (weights["weight_hr_l0"].T, weights["weight_hr_l0"][:1]):
+        with pytest.raises(InputError, match="weight_hr"):
+            Network.from_state_dict({**weights, "weight_hr_l0": bad})
+    with pytest.raises(InputError, match="proj_size argument is only supported for LSTM"):
+        Network.random("gru", 3, 4, proj_size=2)
+    with pytest.raises(InputError, match="proj_size has to be smaller"):
+        Network.random("lstm", 3, 4, proj_size=4)
 
 
 # -- solver configurations ----------------------------------------------------------------------------

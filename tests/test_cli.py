@@ -452,3 +452,18 @@ def test_solve_with_variable_lengths_matches_packed_torch_nn(capsys, solver):
 def test_solve_refuses_lengths_that_do_not_fit(capsys, lengths, message):
     line = run_error(capsys, "--cell", "gru", "--hidden", "4", "--seq-len", "30", "--batch", "3", "--lengths", lengths)
     assert message in line
+
+
+def test_solve_and_check_take_a_projected_lstm(capsys, tmp_path):
+    # --proj-size as torch.nn.LSTM's proj_size, and a projected checkpoint read as it is.
+    code, report = run_json(capsys, "--cell", "lstm", "--hidden", "6", "--proj-size", "2", "--seq-len", "40",
+                            "--batch", "2", "--layers", "2", "--solver", "quasi-newton")
+    assert code == 0 and report["converged"] and report["proj_size"] == 2
+    assert report["max_abs_diff"] <= 1e-10
+    torch.save(torch.nn.LSTM(3, 5, proj_size=2).state_dict(), tmp_path / "projected.pt")
+    code, report = run_json(capsys, "--weights", str(tmp_path / "projected.pt"), "--seq-len", "30", "--batch", "2")
+    assert code == 0 and report["proj_size"] == 2 and report["max_abs_diff"] <= 1e-5
+    assert main(["check", "--weights", str(tmp_path / "projected.pt"), "--seq-len", "30", "--batch", "2"]) == 0
+    assert "P=2" in capsys.readouterr().out
+    assert main(["solve", "--cell", "gru", "--proj-size", "2", "--seq-len", "5"]) == 2
+    assert "only supported for LSTM" in capsys.readouterr().err

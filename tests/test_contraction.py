@@ -66,8 +66,10 @@ def make_cell(
     seed: int,
     bias: bool = True,
     bias_scale: float = 1.0,
+    proj_size: int = 0,
 ) -> Cell:
-    """torch.nn's default init ``U(−1/√H, 1/√H)`` from an explicit generator; ``W_hh`` × ``scale``."""
+    """torch.nn's default init ``U(−1/√H, 1/√H)`` from an explicit generator; ``W_hh`` × ``scale``;
+    an LSTM with ``proj_size = P > 0`` gets ``W_hr (P, H)``, drawn last."""
     gen = generator(seed)
     rows = CELL_TYPES[kind].gate_count * hidden
     bound = 1.0 / math.sqrt(hidden)
@@ -76,10 +78,12 @@ def make_cell(
         return (torch.rand(*shape, generator=gen, dtype=F64) * 2 - 1) * bound
 
     weight_ih = uniform(rows, input_size)
-    weight_hh = uniform(rows, hidden) * scale
+    weight_hh = uniform(rows, proj_size or hidden) * scale
     biases = (uniform(rows) * bias_scale, uniform(rows) * bias_scale) if bias else (None, None)
     if kind == "elman":
         return ElmanCell(weight_ih, weight_hh, *biases, nonlinearity=nonlinearity)
+    if proj_size:
+        return CELL_TYPES[kind](weight_ih, weight_hh, *biases, weight_hr=uniform(proj_size, hidden))
     return CELL_TYPES[kind](weight_ih, weight_hh, *biases)
 
 
@@ -111,12 +115,16 @@ def systems(
     steps = draw(st.integers(min_len, max_len), label="T")
     batch = draw(st.integers(1, max_batch), label="B")
     seed = draw(SEEDS, label="seed")
-    cell = make_cell(kind, nonlinearity, hidden, input_size, scale=scale, seed=seed, bias_scale=bias_scale)
+    # An LSTM is projected (torch.nn's proj_size, 0 < P < H) a third of the time.
+    proj_size = draw(st.sampled_from([0, 0, hidden - 1]), label="P") if kind == "lstm" else 0
+    cell = make_cell(kind, nonlinearity, hidden, input_size, scale=scale, seed=seed, bias_scale=bias_scale,
+                     proj_size=proj_size)
     gen = generator(seed + 1)
     inputs = input_scale * torch.randn(steps, batch, input_size, generator=gen, dtype=F64)
     state = torch.zeros(batch, cell.state_size, dtype=F64)
     if initial == "unit":
-        state[:, :hidden] = uniform_in(-1.0, 1.0, (batch, hidden), gen)
+        output = cell.output_size
+        state[:, :output] = uniform_in(-1.0, 1.0, (batch, output), gen)
     elif initial == "any" and draw(st.booleans(), label="nonzero s0"):
         state = uniform_in(-1.5, 1.5, (batch, cell.state_size), gen)
     elif initial not in ("zero", "any"):
@@ -136,8 +144,8 @@ def norm_of(cell: Cell, values: Tensor, norm: str) -> Tensor:
         return x.abs().amax(-1) if norm == "inf" else torch.linalg.vector_norm(x, dim=-1)
 
     if is_lstm(cell):
-        hidden = cell.hidden_size
-        return torch.maximum(vector(values[..., :hidden]), vector(values[..., hidden:]))
+        output = cell.output_size
+        return torch.maximum(vector(values[..., :output]), vector(values[..., output:]))
     return vector(values)
 
 
@@ -169,8 +177,11 @@ def predecessor_box(system: SequenceSystem) -> tuple[Tensor, Tensor]:
             pre_hi = p[t] + hi @ positive.T + lo @ negative.T
             lo, hi = torch.zeros_like(pre_hi), pre_hi.clamp(min=0)
         return torch.stack(los), torch.stack(his)
-    rho = s0[:, :hidden].abs().amax(-1).clamp(min=1.0)[None, :, None]  # (1, B, 1)
-    h_hi = rho.expand(steps, batch, hidden)
+    output = cell.output_size
+    # |h| ≤ 1, or with a projection |h_j| ≤ Σ_k |W_hr[j, k]| (|o ⊙ tanh c| ≤ 1).
+    least = 1.0 if getattr(cell, "weight_hr", None) is None else float(cell.weight_hr.abs().sum(-1).max())
+    rho = s0[:, :output].abs().amax(-1).clamp(min=least)[None, :, None]  # (1, B, 1)
+    h_hi = rho.expand(steps, batch, output)
     if not is_lstm(cell):
         return -h_hi, h_hi
     reach = rho * cell.weight_hh.abs().sum(-1)  # (1, B, 4H)
@@ -180,7 +191,7 @@ def predecessor_box(system: SequenceSystem) -> tuple[Tensor, Tensor]:
     g_abs = torch.maximum(
         torch.tanh(pre_lo[..., 2 * hidden : 3 * hidden]).abs(), torch.tanh(pre_hi[..., 2 * hidden : 3 * hidden]).abs()
     )
-    c_range = s0[:, hidden:].abs()
+    c_range = s0[:, output:].abs()
     ranges = []
     for t in range(steps):
         ranges.append(c_range)

@@ -304,3 +304,34 @@ def test_matches_torch_on_cuda(kind, nonlinearity, dtype):
         for solver in SOLVERS:
             solution = check_against_torch(network, inputs, hx=hx, solver=solver)
             assert solution.output.device.type == "cuda"
+
+
+# -- LSTM with proj_size: h' = W_hr (o ⊙ tanh c'), state [h (P), c (H)] -------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("solver", SOLVERS, ids=SOLVER_IDS)
+@pytest.mark.parametrize("config", [dict(num_layers=1), dict(num_layers=2, bidirectional=True)], ids=["1l", "2l-bi"])
+@pytest.mark.parametrize("seq_len", [1, 7, 300])
+def test_projected_lstm_matches_torch(seq_len, config, solver, dtype):
+    network = random_network("lstm", "tanh", seed=61 + seq_len, dtype=dtype, proj_size=2, **config)
+    assert network.proj_size == 2 and network.output_size == 2 and network.hidden_size == HIDDEN
+    inputs = randn(seq_len, BATCH, INPUT_SIZE, seed=62, dtype=dtype)
+    hx = make_hx(network, BATCH, seed=63)
+    solution = check_against_torch(network, inputs, hx, solver=solver)
+    directions = network.num_directions
+    assert solution.output.shape == (seq_len, BATCH, 2 * directions)
+    assert solution.c_n.shape == (config["num_layers"] * directions, BATCH, HIDDEN)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_projected_lstm_round_trips_through_torch_nn_and_files(dtype, tmp_path):
+    module = fresh_module("lstm", "tanh", seed=64, dtype=dtype, input_size=3, hidden_size=5, num_layers=2,
+                          proj_size=3, batch_first=True)
+    network = Network.from_torch(module)
+    assert network.proj_size == 3 and network.batch_first
+    for name, value in network.to_torch().state_dict().items():
+        assert torch.equal(value, module.state_dict()[name])
+    torch.save(module.state_dict(), tmp_path / "projected.pt")
+    loaded = load_network(tmp_path / "projected.pt")
+    assert loaded.proj_size == 3
+    inputs = randn(4, 11, 3, seed=65, dtype=dtype)
+    check_against_torch(Network(loaded.cells, batch_first=True), inputs, module=module)

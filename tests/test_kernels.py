@@ -237,3 +237,20 @@ def test_parallel_forward_error_on_the_kernel_path_matches_the_torch_path(monkey
     fused = correction_and_residual(system, states, method="parallel")
     for got, expected in zip(fused, reference):
         assert float((got - expected).abs().max()) <= 1e-12 * (1 + float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_a_projected_lstm_takes_the_torch_cell_and_the_diagonal_scan(monkeypatch, device):
+    # No fused cell kernel has W_hr: the cell runs in torch, its diagonal quasi-Newton step in the
+    # Triton scan, and the answer is the torch path's.
+    network = Network.random("lstm", 5, 6, proj_size=3, seed=11, dtype=torch.float64, device=device)
+    inputs = randn(23 if INTERPRETED else 2311, 3, 5, seed=12, dtype=torch.float64).to(device)
+    system = SequenceSystem.build(network.cells[0][0], inputs)
+    monkeypatch.setenv("FIXEDPOINT_KERNELS", "torch")
+    reference = solve(system, QuasiNewton())
+    monkeypatch.setenv("FIXEDPOINT_KERNELS", "triton")
+    with OperationCounter() as counter:
+        fused = solve(system, QuasiNewton())
+    assert counter.kernel_launches["_lstm_kernel"] == 0
+    assert counter.kernel_launches["_diagonal_kernel"] >= fused.stats.iterations - 1
+    assert fused.converged and float((fused.value - reference.value).abs().max()) <= 1e-12

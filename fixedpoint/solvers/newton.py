@@ -264,7 +264,7 @@ class Newton(Solver):
         inputs = system.projected_inputs[system.seq_len - iterate.shape[0] :]
         if self.jacobian == "full":
             return previous, inputs, system.cell.jacobian, "dense"
-        return previous, inputs, system.cell.unit_jacobian, "block2" if system.cell.kind == "lstm" else "diagonal"
+        return previous, inputs, system.cell.unit_jacobian, system.cell.unit_structure
 
     def _backtrack(
         self,
