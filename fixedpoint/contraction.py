@@ -449,6 +449,45 @@ def estimated_step_norms(system: SequenceSystem, states: Tensor, norm: Norm = "2
     return torch.cat(pieces)
 
 
+#: Above this state size the largest 2-norm is found among candidates ranked matrix-free.
+RANKED_NORM_MIN_STATE = 128
+#: Power-iteration sweeps that rank the steps, and how many of the largest get an exact SVD.
+RANKING_SWEEPS = 8
+RANKED_CANDIDATES = 32
+
+
+def estimated_largest_step_norm(system: SequenceSystem, states: Tensor, norm: Norm = "2") -> float:
+    """``max_{t ≥ 1, b} ‖J_t‖`` along ``states (T, B, S)``, as :func:`estimated_step_norms`' maximum
+    over ``t ≥ 1`` (entry 0 is taken at ``s_0``, not on the trajectory); an estimate.
+
+    For the 2-norm of a large Elman or GRU state (``S > RANKED_NORM_MIN_STATE``) the ``T·B``
+    exact SVDs dominate a check (9 s of 13 for a 256-unit GRU at T = 500, B = 4, on 2 cores), so
+    the steps are ranked first by a few matrix-free power-iteration sweeps on ``JᵀJ`` (products
+    ``J v``, ``Jᵀ v`` from :meth:`~fixedpoint.cells.Cell.linearization`, one product with ``W_hh``
+    each) and only the ``RANKED_CANDIDATES`` largest get an exact SVD: the answer is exact when
+    the largest norm is among them (a sweep's value never exceeds the norm it approaches).
+    """
+    norm = check_norm(norm)
+    cell = system.cell
+    if system.seq_len < 2:
+        raise InputError("the largest step norm along a trajectory needs T ≥ 2 (entry 0 is at s_0)")
+    if norm != "2" or cell.kind == "lstm" or cell.state_size <= RANKED_NORM_MIN_STATE:
+        return float(estimated_step_norms(system, states, norm)[1:].max())
+    previous = states[:-1].detach()
+    projected = system.projected_inputs[1:]
+    factors = cell.linearization(previous, projected)
+    generator = torch.Generator(device=states.device).manual_seed(0)
+    vector = torch.randn(previous.shape, generator=generator, dtype=states.dtype, device=states.device)
+    for _ in range(RANKING_SWEEPS):
+        vector = cell.transposed_jacobian_product(factors, cell.jacobian_product(factors, vector))
+        vector = vector / vector.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(vector.dtype).tiny)
+    ranking = cell.jacobian_product(factors, vector).norm(dim=-1).flatten()  # (T−1)·B lower estimates
+    chosen = ranking.topk(min(RANKED_CANDIDATES, ranking.numel())).indices
+    steps, samples = chosen // previous.shape[1], chosen % previous.shape[1]
+    jacobians = cell.jacobian(previous[steps, samples], projected[steps, samples])
+    return float(torch.linalg.matrix_norm(jacobians, ord=2).max())
+
+
 def _lstm_operator_norms(jacobians: Tensor, hidden: int, projected: bool = False) -> Tensor:
     """:func:`operator_norms` of LSTM cell Jacobians in the 2-norm of ``max(‖h‖, ‖c‖)``, using
     their structure: ``∂h'/∂c`` and ``∂c'/∂c`` are diagonal, so their norms are their largest
@@ -552,7 +591,7 @@ def analyze(system: SequenceSystem, norm: Norm = "2", *, atol: float, states: Te
     conditional = float(relevant.max()) if relevant.numel() else 0.0
     estimated = None
     if states is not None and system.seq_len > 1:
-        estimated = float(estimated_step_norms(system, states, norm)[1:].max())
+        estimated = estimated_largest_step_norm(system, states, norm)
     if global_bound < 1:
         verdict = "contractive"
     elif conditional < 1:

@@ -702,3 +702,22 @@ def test_certified_bounds_of_a_float32_model_are_evaluated_in_float64_and_rounde
         w = wide.cell.weight_hh
         exact = float(w.abs().sum(-1).max() if norm == "inf" else torch.linalg.matrix_norm(w, ord=2))
         assert exact < certified_global_bound(network.cells[0][0], norm) <= exact * (1 + 1e-10)
+
+
+@pytest.mark.parametrize("kind", ["elman", "gru"])
+def test_largest_step_norm_ranked_matrix_free_is_the_exact_maximum(kind, monkeypatch):
+    # Large states rank the steps by matrix-free power sweeps and take exact SVDs of the best:
+    # with every step a candidate it is the exact maximum; with few, never above it.
+    import fixedpoint.contraction as contraction
+
+    network = Network.random(kind, 3, 12, scale=2.0, seed=5)
+    system = SequenceSystem.build(network.cells[0][0], 2.0 * torch.randn(25, 3, 3, generator=generator(6), dtype=F64))
+    states = system.sequential()
+    exact = float(estimated_step_norms(system, states, "2")[1:].max())
+    monkeypatch.setattr(contraction, "RANKED_NORM_MIN_STATE", 4)
+    monkeypatch.setattr(contraction, "RANKED_CANDIDATES", 24 * 3)
+    assert contraction.estimated_largest_step_norm(system, states, "2") == pytest.approx(exact, rel=1e-12)
+    monkeypatch.setattr(contraction, "RANKED_CANDIDATES", 3)
+    assert contraction.estimated_largest_step_norm(system, states, "2") <= exact * (1 + 1e-12)
+    with pytest.raises(InputError, match="T ≥ 2"):
+        contraction.estimated_largest_step_norm(SequenceSystem.build(system.cell, system.inputs[:1]), states[:1])

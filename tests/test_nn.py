@@ -801,3 +801,27 @@ def test_gradients_match_torch_on_cuda(cell, adjoint, dtype):
         assert (got - expected).abs().max().item() <= bound
     for got, expected in zip(got_grads, expected_grads):
         assert (got - expected).abs().max().item() <= bound * max(1.0, expected.abs().max().item())
+
+
+def test_projected_lstm_checks_its_arguments_as_torch_nn_does():
+    # h_0 has proj_size entries, c_0 hidden_size: wrong shapes and sizes raise torch.nn's errors.
+    torch.manual_seed(0)
+    inputs = randn(6, 3, 4, seed=1)
+    for h_shape, c_shape in [((1, 3, 2), (1, 3, 5)), ((1, 3, 5), (1, 3, 5)), ((1, 3, 2), (1, 3, 2)), ((2, 3, 2), (1, 3, 5))]:
+        hx = (randn(*h_shape, seed=2), randn(*c_shape, seed=3))
+        results = []
+        for module_type in (nn.LSTM, fnn.LSTM):
+            module = module_type(4, 5, proj_size=2, dtype=torch.float64)
+            try:
+                output, (h_n, c_n) = module(inputs, hx)
+                results.append(("ok", output.shape, h_n.shape, c_n.shape))
+            except Exception as error:  # noqa: BLE001 - the point is to compare whatever is raised
+                results.append((type(error), str(error)))
+        assert results[0] == results[1]
+    for bad in (-1, 5, 7):
+        errors = []
+        for module_type in (nn.LSTM, fnn.LSTM):
+            with pytest.raises(ValueError) as caught:
+                module_type(4, 5, proj_size=bad)
+            errors.append(str(caught.value))
+        assert errors[0] == errors[1]
