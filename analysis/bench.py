@@ -4,7 +4,7 @@ Each (problem, method) runs in its own process, so that its peak memory is its o
 the growth of the resident set over the process's baseline after the inputs are built, on
 CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the run.  In that process
 the method runs beside ``torch.nn`` on the same weights and inputs, alternating, after a
-warm-up; times are medians (DESIGN §5) and the ratio is method ÷ torch.nn (< 1 is faster).  The
+warm-up; times are medians and the ratio is method ÷ torch.nn (< 1 is faster).  The
 ``auto`` process also times one parallel sweep ``F(S)`` and reports its memory traffic in GB/s
 beside the device's measured copy bandwidth.
 

@@ -2,7 +2,7 @@
 
 This is the measurement behind ``fixedpoint solve`` and the benchmarks: the largest absolute
 difference to ``torch.nn`` (outputs and final states) and both times, taken in the same
-process, alternating, each after a warm-up (DESIGN §5).
+process, alternating, each after a warm-up, as medians.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -148,19 +147,9 @@ class SequenceSystem:
         """The solution's states ``(T, B, S)`` from its outputs ``h_t (T, B, H)``."""
         return self.cell.states_from_hidden(hidden, self.inputs, self.initial_state)
 
-    def residual(self, states: Tensor) -> Tensor:
-        """``F(S) − S``, shape ``(T, B, S)``."""
-        return self.apply(states) - states
-
-    def sequential(self, kernel: Literal["loop", "fused"] = "loop") -> Tensor:
-        """The exact solution by the sequential loop ``s_t = f(s_{t−1}, x_t)``: ``(T, B, S)``.
-
-        ``kernel="loop"`` runs :meth:`Cell.step` in Python; ``"fused"`` runs ``torch.nn``'s
-        compiled kernel (:meth:`Cell.fused_sequence`).
-        """
-        if kernel == "fused":
-            hidden, _ = self.cell.fused_sequence(self.inputs, self.initial_state)
-            return self.states_from_hidden(hidden)
+    def sequential(self) -> Tensor:
+        """The exact solution by the sequential loop ``s_t = f(s_{t−1}, x_t)``: ``(T, B, S)``,
+        :meth:`Cell.step` run in Python (``Sequential(kernel="fused")`` runs ``torch.nn``'s kernel)."""
         out = torch.empty(self.state_shape, dtype=self.inputs.dtype, device=self.inputs.device)
         state = self.initial_state
         for t in range(self.seq_len):

@@ -94,14 +94,14 @@ def pytest_configure(config: pytest.Config) -> None:
     _PERMUTED_REFERENCE = True
     loop = SequenceSystem.sequential
 
-    def permuted_sequential(self: SequenceSystem, kernel: str = "loop") -> Tensor:
+    def permuted_sequential(self: SequenceSystem) -> Tensor:
         if getattr(self.cell, "weight_hr", None) is not None:  # projected LSTM: not permuted here
-            return loop(self, kernel)
+            return loop(self)
         order = _unit_order(self.cell.hidden_size)
         states = output_order(order, self.cell.state_size // self.cell.hidden_size)  # LSTM: (h, c) alike
         cell = permute_hidden_units(Network(((self.cell,),)), order).cells[0][0]
         other = SequenceSystem(cell, self.inputs, self.initial_state[:, states])
-        return loop(other, kernel)[..., torch.argsort(states)]
+        return loop(other)[..., torch.argsort(states)]
 
     SequenceSystem.sequential = permuted_sequential  # type: ignore[method-assign]
 
