@@ -256,19 +256,19 @@ class Cell(ABC):
         """
         hidden = self.output_size
         h0 = initial_state[..., :hidden].unsqueeze(0).contiguous()
-        weights = [self.weight_ih, self.weight_hh]
-        if self.bias_ih is not None:
-            weights += [self.bias_ih, self.bias_hh]
-        if getattr(self, "weight_hr", None) is not None:  # torch.nn's order; the kernel sees P ≠ H in hx
-            weights.append(self.weight_hr)
+        # tensor_names is torch.nn's flat-weight order; a projection is read from P ≠ H in hx.
+        weights = [getattr(self, name) for name in self.tensor_names if getattr(self, name) is not None]
         # torch._VF is what torch.nn.RNN/GRU/LSTM.forward call; the arguments after the weights
         # are has_biases, num_layers, dropout, train, bidirectional, batch_first.
         options = (self.bias_ih is not None, 1, 0.0, train, False, False)
         if self.kind == "lstm":
             c0 = initial_state[..., hidden:].unsqueeze(0).contiguous()
-            with warnings.catch_warnings():  # torch's note that oneDNN skips projections: it falls back by itself
-                warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+            if hidden == self.hidden_size:
                 output, h_n, c_n = torch._VF.lstm(inputs, (h0, c0), weights, *options)  # type: ignore[attr-defined]
+            else:
+                with warnings.catch_warnings():  # torch's note that oneDNN skips projections; it falls back itself
+                    warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
+                    output, h_n, c_n = torch._VF.lstm(inputs, (h0, c0), weights, *options)  # type: ignore[attr-defined]
             return output, torch.cat((h_n[0], c_n[0]), dim=-1)
         kernel = torch._VF.gru if self.kind == "gru" else getattr(torch._VF, f"rnn_{self.nonlinearity}")  # type: ignore[attr-defined]
         output, h_n = kernel(inputs, h0, weights, *options)

@@ -471,7 +471,7 @@ def estimated_largest_step_norm(system: SequenceSystem, states: Tensor, norm: No
     cell = system.cell
     if system.seq_len < 2:
         raise InputError("the largest step norm along a trajectory needs T ≥ 2 (entry 0 is at s_0)")
-    if norm != "2" or cell.kind == "lstm" or cell.state_size <= RANKED_NORM_MIN_STATE:
+    if norm != "2" or isinstance(cell, LSTMCell) or cell.state_size <= RANKED_NORM_MIN_STATE:
         return float(estimated_step_norms(system, states, norm)[1:].max())
     previous = states[:-1].detach()
     projected = system.projected_inputs[1:]

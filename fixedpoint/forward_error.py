@@ -120,7 +120,7 @@ def correction_and_residual(
                 whole = _twice(whole)
             both = parallel_correction(whole, residual)
         if both is not None:
-            return Correction(both[:, :batch], residual_size, both[:, both.shape[1] - batch :].abs().amax(dim=(0, 2)))
+            return _split(both, batch, residual_size)
     rows = 2 * batch if paired else batch
     with torch.no_grad():
         # Time-major (T, B or 2B, S): the first B samples δ, the others (paired) δ with the prefix.
@@ -137,7 +137,13 @@ def correction_and_residual(
             for t in range(piece.states.shape[0]):
                 delta = piece.cell.jacobian_product(tuple(f[t] for f in factors), delta) + residual[t]
                 both[start + t] = delta
-    return Correction(both[:, :batch], residual_size, both[:, rows - batch :].abs().amax(dim=(0, 2)))
+    return _split(both, batch, residual_size)
+
+
+def _split(both: Tensor, batch: int, residual_size: Tensor) -> Correction:
+    """The :class:`Correction` of ``both (T, B or 2B, S)``: ``δ`` is the first ``B`` samples, the
+    estimate the last ``B`` (the same ones when nothing was paired)."""
+    return Correction(both[:, :batch], residual_size, both[:, both.shape[1] - batch :].abs().amax(dim=(0, 2)))
 
 
 def _with_and_without_prefix(residual: Tensor, prefix: int) -> Tensor:
