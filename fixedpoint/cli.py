@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_problem_arguments(check)
     check.add_argument("--norm", choices=NORMS, default="2", help="2 or inf; LSTM: max(‖h‖, ‖c‖) (default 2)")
+    check.add_argument(
+        "--observe", action=argparse.BooleanOptionalAction, default=None,
+        help="also solve by Picard to observe its iterations and rate (default: when T ≤ 128 or the "
+        "estimate predicts fewer than T sweeps; T sweeps cost about T²/2 steps)",
+    )
     approx = commands.add_parser(
         "approx",
         allow_abbrev=False,
@@ -687,7 +692,7 @@ def _run_check(args: argparse.Namespace) -> int:
     progress = _progress(inputs.shape[0])
     try:
         checks = check_network(
-            network, inputs, args.norm, atol=args.atol, callback=progress,
+            network, inputs, args.norm, atol=args.atol, observe=args.observe, callback=progress,
             phase=None if progress is None else progress.phase,
         )
     finally:
@@ -704,7 +709,7 @@ def _run_check(args: argparse.Namespace) -> int:
         "conditional_bound": max(r.conditional_bound for r in reports),
         "estimated": worst([r.estimated for r in reports]),
         "predicted_iterations": sum(int(r.predicted_iterations.max()) for r in reports),
-        "observed_iterations": sum(c.picard_iterations for c in checks),
+        "observed_iterations": None if checks[0].picard_iterations is None else sum(c.picard_iterations for c in checks),
         "observed_rate": _all_or_none([c.observed_rate for c in checks], max),
         "verdict": max((r.verdict for r in reports), key=order.index),
         "predictability": _predictability_fields([c.predictability.summary() for c in checks]),
@@ -736,13 +741,22 @@ def _run_check(args: argparse.Namespace) -> int:
         ("certified, these inputs", f"{result['conditional_bound']:.4g}  (max over steps t ≥ 2)"),
         ("estimated ‖J_t‖ on solution", f"{estimated}  (estimate, no guarantee)"),
         ("predicted Picard iterations", f"{result['predicted_iterations']}  (certified, to atol {result['atol']:g})"),
-        ("observed Picard iterations", f"{result['observed_iterations']}, rate {rate}  (observed)"),
+        ("observed Picard iterations", _format_observed(result, rate, args.observe)),
         ("predictability", _format_predictability(result["predictability"])),
         ("verdict", _verdict_with_prediction(result)),
     ]
     width = max(len(name) for name, _ in rows)
     _emit("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     return 0
+
+
+def _format_observed(result: dict[str, Any], rate: str, observe: bool | None) -> str:
+    if result["observed_iterations"] is not None:
+        return f"{result['observed_iterations']}, rate {rate}  (observed)"
+    if observe is False:
+        return "not run (--no-observe)"
+    return (f"not run: predicted to need all T = {result['seq_len']} sweeps, about T²/2 steps of work "
+            "(--observe runs it)")
 
 
 def _verdict_with_prediction(result: dict[str, Any]) -> str:

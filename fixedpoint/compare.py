@@ -7,6 +7,7 @@ process, alternating, each after a warm-up, as medians.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fixedpoint.lengths import check_lengths
 from fixedpoint.network import Network
-from fixedpoint.solve import NetworkSolution, solve_network
+from fixedpoint.solve import NetworkSolution, solve, solve_network
 from fixedpoint.contraction import ContractionReport, Norm, analyze, estimated_step_norms
 from fixedpoint.forward_error import forward_error_estimate
 from fixedpoint.predictability import Predictability, predictability
@@ -223,16 +224,22 @@ def _timed(function: Callable[[], Any], device: torch.device) -> tuple[Any, floa
     return value, time.perf_counter() - started
 
 
+#: Sequence length up to which ``check_network`` observes Picard even when it is predicted to need
+#: every sweep (its ``T²/2`` steps then cost about as much as the rest of the check).
+OBSERVE_UP_TO = 128
+
+
 @dataclass
 class LayerCheck:
     """The contraction report of one (layer, direction) system, on its actual inputs, with the
-    observed Picard rate (an estimate) and iteration count beside it."""
+    predictability estimate and, when Picard was run, its observed rate (an estimate) and
+    iteration count beside it (``None`` when it was not run)."""
 
     layer: int
     direction: int
     report: ContractionReport
     observed_rate: float | None
-    picard_iterations: int
+    picard_iterations: int | None
     predictability: Predictability | None = None
 
 
@@ -243,28 +250,46 @@ def check_network(
     *,
     atol: float | None = None,
     hx: Any = None,
+    observe: bool | None = None,
     callback: Callable[..., None] | None = None,
     phase: Phase | None = None,
 ) -> list[LayerCheck]:
     """Contraction reports for every layer and direction of ``network`` on ``inputs (T, B, I)``.
 
-    Every layer is solved by Picard to ``atol`` (default: the dtype's; ``rtol = 0``), which
-    gives the observed rate and iteration count; layer ``l + 1`` is analysed on the outputs of
-    layer ``l``, and the estimates are taken along the solution.  ``callback`` is the solve's
-    (:func:`~fixedpoint.solve.solve_network`); ``phase`` hears what runs next.
+    The network is solved by the sequential loop (exact, and as cheap as ``torch.nn``); layer
+    ``l + 1`` is analysed on the outputs of layer ``l``, and the estimates are taken along that
+    solution.  Then each system is solved by Picard to ``atol`` (default: the dtype's;
+    ``rtol = 0``) to observe its rate and iteration count.  Picard costs about ``k·T`` steps for
+    ``k`` sweeps, up to ``T²/2``: with ``observe=None`` it runs when ``T ≤`` :data:`OBSERVE_UP_TO`
+    or the predictability estimate expects every system to converge in fewer than ``T`` sweeps
+    (else the count is ``None``); ``True`` always runs it, ``False`` never.  ``callback`` is the Picard solves'
+    (:func:`~fixedpoint.solve.solve_network`'s signature); ``phase`` hears what runs next.
     """
     phase = phase or _silent
     if atol is None:
         atol = DEFAULT_TOLERANCES[network.dtype][1]
-    phase("solving by Picard iteration")
-    solution = solve_network(network, inputs, hx, Picard(rtol=0.0, atol=atol), callback=callback)
+    phase("solving sequentially")
+    solution = solve_network(network, inputs, hx, Sequential())
     rtol, _ = Picard().tolerances(network.dtype)  # the predictions are for a default solve's tolerance
-    checks = []
+    analysed = []
     for layer_index, layer in enumerate(solution.layers):
         for direction, single in enumerate(layer):
             phase(f"certifying layer {layer_index} direction {direction}")
             report = analyze(single.system, norm, atol=atol, states=single.value)
             phase(f"estimating predictability of layer {layer_index} direction {direction}")
             along = predictability(single.system, single.value, rtol=rtol, atol=atol)
-            checks.append(LayerCheck(layer_index, direction, report, single.stats.rate, single.stats.iterations, along))
+            analysed.append((layer_index, direction, single.system, report, along))
+    if observe is None:
+        # A run of T sweeps is quadratic in T: skip it when it is expected and T is long.
+        observe = all(int(along.picard.max()) < system.seq_len or system.seq_len <= OBSERVE_UP_TO
+                      for *_, system, _, along in analysed)
+    checks = []
+    for layer_index, direction, system, report, along in analysed:
+        rate, iterations = None, None
+        if observe:
+            phase(f"solving layer {layer_index} direction {direction} by Picard iteration")
+            heard = None if callback is None else functools.partial(callback, layer_index, direction)
+            observed = solve(system, Picard(rtol=0.0, atol=atol), callback=heard)
+            rate, iterations = observed.stats.rate, observed.stats.iterations
+        checks.append(LayerCheck(layer_index, direction, report, rate, iterations, along))
     return checks

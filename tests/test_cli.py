@@ -438,6 +438,16 @@ def test_check_states_the_prediction_when_nothing_is_certified(capsys):
     assert "Picard about" in verdict and "of at most 200" in verdict
 
 
+def test_check_observes_picard_unless_told_not_to(capsys):
+    problem = ["check", "--cell", "gru", "--seq-len", "50", "--batch", "2", "--hidden", "6"]
+    assert main([*problem, "--json"]) == 0
+    assert 1 <= json.loads(capsys.readouterr().out)["observed_iterations"] <= 50
+    assert main([*problem, "--json", "--no-observe"]) == 0
+    assert json.loads(capsys.readouterr().out)["observed_iterations"] is None
+    assert main([*problem, "--no-observe"]) == 0
+    assert "not run (--no-observe)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("solver", ["picard", "quasi-newton", "auto"])
 def test_solve_with_variable_lengths_matches_packed_torch_nn(capsys, solver):
     code, report = run_json(capsys, "--cell", "lstm", "--hidden", "6", "--seq-len", "30", "--batch", "3",

@@ -11,6 +11,8 @@ import torch
 from conftest import CELL_IDS, CELLS, randn
 from fixedpoint import InputError, Network, Picard, SequenceSystem, solve
 from fixedpoint.cells import ElmanCell
+from fixedpoint import compare
+from fixedpoint.compare import check_network
 from fixedpoint.predictability import MODEL, growth_rates, predictability
 
 
@@ -149,3 +151,28 @@ def test_an_overflowed_trajectory_is_refused():
     states[3, 0, 0] = float("inf")
     with pytest.raises(InputError, match="states must be finite"):
         predictability(system, states, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_check_observes_picard_only_when_it_is_predicted_to_stop_early(scale, monkeypatch):
+    # Elman ×1 is predicted to stop early: the observation runs and is the count solve() gives
+    # on the exact layer inputs.  Elman ×3 is predicted to need all T sweeps: on a T longer than
+    # OBSERVE_UP_TO it is skipped, and observe=True runs it anyway.
+    monkeypatch.setattr(compare, "OBSERVE_UP_TO", 100)
+    network = Network.random("elman", 8, 8, scale=scale, seed=0, dtype=torch.float64)
+    inputs = randn(120, 2, 8, seed=0)
+    (check,) = check_network(network, inputs)
+    predicted_early = int(check.predictability.picard.max()) < 120
+    assert predicted_early == (scale == 1.0)
+    system = SequenceSystem.build(network.cells[0][0], inputs)
+    observed = solve(system, Picard(rtol=0.0, atol=1e-12))  # check's default float64 atol
+    if predicted_early:
+        assert check.picard_iterations == observed.stats.iterations < 120
+    else:
+        assert check.picard_iterations is None and check.observed_rate is None
+        (forced,) = check_network(network, inputs, observe=True)
+        assert forced.picard_iterations == observed.stats.iterations
+    (skipped,) = check_network(network, inputs, observe=False)
+    assert skipped.picard_iterations is None
+    # The estimates are taken along the exact solution either way.
+    torch.testing.assert_close(skipped.predictability.growth, check.predictability.growth, rtol=0, atol=0)
