@@ -37,7 +37,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ from fixedpoint.compare import compare_with_torch, run_reference  # noqa: E402
 from fixedpoint.data import gaussian_inputs  # noqa: E402
 from fixedpoint.network import Network  # noqa: E402
 from fixedpoint.nn import GRU, LSTM, RNN  # noqa: E402
-from fixedpoint.runtime import keep_freed_memory  # noqa: E402
+from fixedpoint.runtime import keep_freed_memory, timed  # noqa: E402
 from fixedpoint.solve import solve_network  # noqa: E402
 from fixedpoint.solvers import SOLVERS  # noqa: E402
 from fixedpoint.system import SequenceSystem  # noqa: E402
@@ -124,16 +123,7 @@ def _peak_bytes(device: torch.device, function) -> int:  # type: ignore[no-untyp
 
 
 def _median_seconds(device: torch.device, function, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return timed(function, device, repeats)[1]
 
 
 def copy_bandwidth(device: torch.device) -> float:

@@ -25,14 +25,12 @@ from fixedpoint import Network, QuasiNewton, SequenceSystem, solve  # noqa: E402
 from fixedpoint.data import gaussian_inputs  # noqa: E402
 from fixedpoint.scan import linear_recurrence, linear_recurrence_torch  # noqa: E402
 from fixedpoint.residual import StopTest  # noqa: E402
-
-from bench import _median_seconds as median_seconds  # noqa: E402  (analysis/bench.py, beside this file)
+from fixedpoint.runtime import timed  # noqa: E402
 
 
 def seconds(device: torch.device, function, repeats: int = 10) -> float:  # type: ignore[no-untyped-def]
     """Median wall time of ``function`` after one warm-up call, synchronised on CUDA."""
-    function()
-    return median_seconds(device, function, repeats)
+    return timed(function, device, repeats, warm=True)[1]
 
 
 def copy_bandwidth(device: torch.device, size: int) -> float:

@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
@@ -40,6 +39,7 @@ from fixedpoint import Anderson, Network, Newton, Picard, QuasiNewton, SequenceS
 from fixedpoint.forward_error import forward_error_estimate
 from fixedpoint.plotting import plot_trained_networks
 from fixedpoint.predictability import predictability
+from fixedpoint.runtime import timed
 from fixedpoint.solvers import Sequential
 from fixedpoint.trained import (
     SILERO_CHUNK, SILERO_RATE, G2pEnglish, G2pMandarin, SileroVAD, g2p_en_words, g2pm_words, package_file,
@@ -106,15 +106,6 @@ def check_loading(vad: SileroVAD, audio: torch.Tensor) -> float:
     return float((theirs - ours).abs().max())
 
 
-def timed(function, repeats: int = 3) -> tuple[object, float]:
-    times, value = [], None
-    for _ in range(repeats):
-        started = time.perf_counter()
-        value = function()
-        times.append(time.perf_counter() - started)
-    return value, statistics.median(times)
-
-
 def check_g2p_en_loading(encoder: G2pEnglish, words: list[str], steps: int) -> float:
     """Largest difference between the package's own NumPy GRU (``G2p.gru``, on its own embedding
     of the same tokens) and ``torch.nn.GRU`` with the weights read here, float32."""
@@ -162,7 +153,7 @@ def study(network_of, features: torch.Tensor, dtype: torch.dtype, budget: float)
     module = network.to_torch()
     with torch.no_grad():
         module(inputs)  # warm-up at full size: oneDNN prepares its kernel on the first call of a shape
-        (output, _), torch_seconds = timed(lambda: module(inputs), repeats=5)
+        (output, _), torch_seconds = timed(lambda: module(inputs), inputs.device, 5)
     torch_states = system.states_from_hidden(output.detach())
     torch_error = float((torch_states.double() - exact).abs().max())
     torch_estimate = float(forward_error_estimate(system, torch_states).max())

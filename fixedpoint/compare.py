@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,7 +22,7 @@ from fixedpoint.solve import NetworkSolution, solve, solve_network
 from fixedpoint.contraction import ContractionReport, Norm, analyze, estimated_step_norms
 from fixedpoint.forward_error import forward_error_estimate
 from fixedpoint.predictability import Predictability, predictability
-from fixedpoint.runtime import true_float32
+from fixedpoint.runtime import timed, true_float32
 from fixedpoint.solvers import DEFAULT_TOLERANCES, Picard, Sequential, Solver
 
 
@@ -168,7 +167,7 @@ def _compare(
         )
         solver_times.append(solution.wall_time)
         phase(f"running torch.nn{counter}")
-        reference, seconds = _timed(lambda: run_reference(module, inputs, hx, lengths), inputs.device)
+        reference, seconds = timed(lambda: run_reference(module, inputs, hx, lengths), inputs.device)
         reference_times.append(seconds)
     estimated = None
     if certify is not None and solution.converged:
@@ -212,16 +211,6 @@ def _forward_error(solution: NetworkSolution) -> float:
             estimate = forward_error_estimate(single.system, single.value)
         estimates.append(float(estimate.max()))
     return max(estimates)
-
-
-def _timed(function: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    value = function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return value, time.perf_counter() - started
 
 
 #: Sequence length up to which ``check_network`` observes Picard even when it is predicted to need

@@ -1,5 +1,6 @@
-"""Process-wide settings for the package's own programs (the CLI, benchmarks, analysis), and the
-one setting the library itself scopes to its own calls (:func:`true_float32`).
+"""Process-wide settings for the package's own programs (the CLI, benchmarks, analysis), the
+one setting the library itself scopes to its own calls (:func:`true_float32`), and the one way
+everything here times work on a device (:func:`timed`).
 
 Never applied on import: a library must not change its host process.
 """
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import statistics
 import sys
-from typing import Iterator
+import time
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -54,3 +57,28 @@ def true_float32() -> Iterator[None]:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved[0]
         torch._C._set_cudnn_allow_tf32(saved[1])
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op on a CPU, whose work is done when a call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], Any], device: torch.device, repeats: int = 1, *, warm: bool = False) -> tuple[Any, float]:
+    """``(value, seconds)``: the last value of ``function()`` and the median wall time of ``repeats``
+    runs, each with ``device``'s queue drained before and after (CUDA runs asynchronously; without
+    that a timer measures the launch, not the work).  ``warm``: one untimed run first (it compiles
+    kernels, plans cuBLAS and fills the allocator's cache)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be ≥ 1, got {repeats}")
+    if warm:
+        function()
+    times, value = [], None
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        value = function()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return value, statistics.median(times)

@@ -49,7 +49,7 @@ from fixedpoint.errors import InputError, NoConvergence
 from fixedpoint.lengths import check_lengths, last_states, padding_mask, reversal_within, reversed_within
 from fixedpoint.network import Network
 from fixedpoint.residual import StopTest
-from fixedpoint.runtime import true_float32
+from fixedpoint.runtime import synchronize, true_float32
 from fixedpoint.contraction import ContractionReport, Norm, a_posteriori_error_bound, analyze, check_norm, state_norms
 from fixedpoint.forward_error import correction_and_residual, scaled_size
 from fixedpoint.solvers import Picard, Solver
@@ -308,12 +308,12 @@ def _solve(
     report = None if certify is None else analyze(system, check_norm(certify), atol=atol)
     certify_time = time.perf_counter() - certify_started
 
-    _synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     solver = solver.resolve(system)  # Auto's choice (and its calibration) is part of the solve
     direct = solver.solve_directly(system)
     if direct is not None:
-        _synchronize(device)
+        synchronize(device)
         return _direct_solution(
             system, solver, direct, time.perf_counter() - started, report, certify_time, throw, forward_error or "off"
         )
@@ -413,7 +413,7 @@ def _solve(
     if (forward_error or "refine") != "off" and result is not Result.nonfinite:
         refine = forward_error != "estimate" and result is Result.successful and prefix < steps
         forward = _estimate_forward_error(system, iterate, refine, rtol, atol, prefix)
-    _synchronize(iterate.device)
+    synchronize(iterate.device)
     wall_time = time.perf_counter() - started
 
     if scaled_history:
@@ -578,11 +578,6 @@ def _observed_rate(abs_history: Tensor, window: int = 5) -> float | None:
     return (last / first) ** (1.0 / (recent.shape[0] - 1))
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # -- whole networks ------------------------------------------------------------------------------
 @dataclass
 class NetworkSolution:
@@ -663,7 +658,7 @@ def solve_network(
     if lengths is not None:
         lengths = check_lengths(lengths, sequence.shape[0], batch, sequence.device)
     reverse_order = None if lengths is None else reversal_within(lengths, sequence.shape[0])
-    _synchronize(sequence.device)
+    synchronize(sequence.device)
     started = time.perf_counter()
     layers: list[list[Solution]] = []
     finals: list[Tensor] = []
@@ -688,7 +683,7 @@ def solve_network(
             finals.append(solution.final_state if lengths is None else last_states(solution.value, lengths))
         layers.append(solutions)
         layer_input = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
-    _synchronize(sequence.device)
+    synchronize(sequence.device)
     # The certificates are analysis, not solving: their time is not the solve's.
     wall_time = time.perf_counter() - started - sum(s.stats.certify_time for layer in layers for s in layer)
     final_states = torch.stack(finals)  # (L·D, B, S)

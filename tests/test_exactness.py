@@ -252,6 +252,24 @@ def test_solves_and_modules_compute_in_true_float32_whatever_the_process_chose()
         torch._C._set_cudnn_allow_tf32(saved[1])
 
 
+
+def test_timed_drains_the_queue_around_each_run_and_returns_the_median(monkeypatch):
+    # Every timing in the package and its benchmarks goes through runtime.timed: the clock is read
+    # around each run only, the warm-up run is not timed, and the median is what comes back.
+    from fixedpoint import runtime
+
+    ticks = iter([0.0, 5.0, 10.0, 11.0, 20.0, 23.0])  # runs of 5, 1 and 3 seconds
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: next(ticks))
+    drained = []
+    monkeypatch.setattr(runtime, "synchronize", lambda device: drained.append(device))
+    calls = []
+    value, seconds = runtime.timed(lambda: calls.append(len(calls)) or len(calls), torch.device("cpu"), 3, warm=True)
+    assert (value, seconds) == (4, 3.0) and len(calls) == 4
+    assert len(drained) == 6  # before and after each timed run
+    with pytest.raises(ValueError, match="repeats must be ≥ 1"):
+        runtime.timed(lambda: None, torch.device("cpu"), 0)
+
+
 # -- variable lengths ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 @pytest.mark.parametrize("solver", [Picard(), QuasiNewton(), Newton(), Anderson(), Sequential()],

@@ -145,12 +145,11 @@ def test_auto_calibration_path_runs_and_decides_on_a_cpu(kind, timings, expected
 
     answers = iter(timings)  # the fused kernel on the prefix, then one quasi-Newton iteration
 
-    def timed(function, device):  # type: ignore[no-untyped-def]
-        function()
-        return next(answers)
+    def timed(function, device, repeats=1, *, warm=False):  # type: ignore[no-untyped-def]
+        return function(), next(answers)
 
     monkeypatch.setattr(auto_module, "_calibrates", lambda system: True)
-    monkeypatch.setattr(auto_module, "_timed", timed)
+    monkeypatch.setattr(auto_module, "timed", timed)
     network = Network.random(kind, 4, 8, seed=5)
     inputs = randn(600, 2, 4, seed=6)  # T above calibration_steps
     solution = solve_network(network, inputs, None, Auto())
@@ -177,12 +176,11 @@ def test_auto_weighs_the_predicted_iterations(kind, margin, expected, monkeypatc
     sequential = 1.0 * 600 / 256
     answers = iter((1.0, sequential / (margin * predicted)))
 
-    def timed(function, device):  # type: ignore[no-untyped-def]
-        function()
-        return next(answers)
+    def timed(function, device, repeats=1, *, warm=False):  # type: ignore[no-untyped-def]
+        return function(), next(answers)
 
     monkeypatch.setattr(auto_module, "_calibrates", lambda system: True)
-    monkeypatch.setattr(auto_module, "_timed", timed)
+    monkeypatch.setattr(auto_module, "timed", timed)
     assert solve(system, Auto()).stats.solver["method"] == expected
 
 
@@ -191,13 +189,12 @@ def test_auto_caches_its_choice_per_shape_and_weights(monkeypatch):
 
     calls = []
 
-    def timed(function, device):  # type: ignore[no-untyped-def]
-        function()
+    def timed(function, device, repeats=1, *, warm=False):  # type: ignore[no-untyped-def]
         calls.append(1)
-        return 1.0 if len(calls) % 2 else 1e-4  # prefix slow, iteration fast: quasi-Newton
+        return function(), 1.0 if len(calls) % 2 else 1e-4  # prefix slow, iteration fast: quasi-Newton
 
     monkeypatch.setattr(auto_module, "_calibrates", lambda system: True)
-    monkeypatch.setattr(auto_module, "_timed", timed)
+    monkeypatch.setattr(auto_module, "timed", timed)
     auto_module.clear_cache()
     network = Network.random("gru", 4, 8, seed=5)
     system = SequenceSystem.build(network.cells[0][0], randn(600, 2, 4, seed=6))

@@ -22,7 +22,6 @@ calibration; each timing is warm (the second of two runs).  :func:`clear_cache` 
 
 from __future__ import annotations
 
-import time
 import weakref
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ import torch
 
 from fixedpoint.predictability import predictability
 from fixedpoint.residual import StopTest
+from fixedpoint.runtime import timed
 from fixedpoint.solvers.base import Solver, check_integer
 from fixedpoint.solvers.newton import Newton
 from fixedpoint.solvers.sequential import Sequential
@@ -76,7 +76,7 @@ class Auto(Solver):
         device = system.inputs.device
         prefix = SequenceSystem(system.cell, system.inputs[: self.calibration_steps], system.initial_state)
         solved = []
-        sequential_seconds = _timed(lambda: solved.append(fused.solve_directly(prefix)), device)
+        _, sequential_seconds = timed(lambda: solved.append(fused.solve_directly(prefix)), device, warm=True)
         sequential_seconds *= steps / self.calibration_steps
         expected = self.expected_iterations
         if expected is None:
@@ -92,7 +92,7 @@ class Auto(Solver):
             image, _ = quasi.evaluate(system, guess, 0, state, StopTest(rtol, atol))
             quasi.step(guess, image, state, system.initial_state)
 
-        iteration_seconds = _timed(one_iteration, device)
+        _, iteration_seconds = timed(one_iteration, device, warm=True)
         return quasi if expected * iteration_seconds < sequential_seconds else fused
 
 
@@ -117,16 +117,3 @@ def _calibrates(system: SequenceSystem) -> bool:
     """Whether ``system`` is on a device where the choice is timed (CUDA; see the module docstring).
     A seam for the tests, which run the calibration path on a CPU."""
     return system.inputs.device.type == "cuda"
-
-
-def _timed(function, device: torch.device) -> float:  # type: ignore[no-untyped-def]
-    """Warm wall seconds of ``function()``: the second of two runs (the first compiles kernels,
-    plans cuBLAS and fills the allocator's cache), with the device's queue drained around it."""
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
