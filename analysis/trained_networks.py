@@ -203,12 +203,71 @@ def study(network_of, features: torch.Tensor, dtype: torch.dtype, budget: float)
         "prefix_seconds": before_seconds, "runs": runs,
         "growth": after.growth[:, 0].tolist(),
     }
+#: For the estimate of Auto's choice on a GPU (no GPU has run it): one quasi-Newton iteration on
+#: the CUDA path launches this many kernels (counted on the CPU: docs/gpu.md), each taking 3–5 µs,
+#: and cuDNN's loop takes 3–10 µs per position (docs/gpu.md's paper estimates, unmeasured).
+QUASI_NEWTON_LAUNCHES = 55
+LAUNCH_SECONDS = (3e-6, 5e-6)
+CUDNN_STEP_SECONDS = (3e-6, 10e-6)
+
+
+def auto_on_gpu(problem: dict) -> tuple[str, str]:
+    """``(choice, why)``: what ``Auto``'s rule would choose on a GPU for this problem, with the
+    GPU times it would measure replaced by the estimated ranges above.  Auto predicts the
+    quasi-Newton count from a 256-step prefix, as ``predicted_prefix`` was."""
+    steps = problem["seq_len"]
+    expected = problem["predicted_prefix"]["quasi-newton"]
+    if steps <= 256:
+        return "cuDNN", f"T = {steps} ≤ 256: the sequential kernel without calibration"
+    # Quasi-Newton wins when expected · (iteration time) < T · (cuDNN's time per position).
+    most = steps * CUDNN_STEP_SECONDS[1] / (QUASI_NEWTON_LAUNCHES * LAUNCH_SECONDS[0])
+    least = steps * CUDNN_STEP_SECONDS[0] / (QUASI_NEWTON_LAUNCHES * LAUNCH_SECONDS[1])
+    if expected >= most:
+        return "cuDNN", f"{expected} quasi-Newton iterations predicted; it pays only below {most:.0f}"
+    if expected < least:
+        return "quasi-Newton", f"{expected} iterations predicted, under {least:.0f}"
+    return "either (timing decides)", f"{expected} iterations predicted, between {least:.0f} and {most:.0f}"
+
+
+def summary_table(data: dict) -> list[str]:
+    """One row per network and dtype: Auto's GPU choice, observed (predicted from the prefix)
+    iterations per solver, the solves' and ``torch.nn``'s forward errors."""
+    solvers = list(SOLVERS)
+    lines = ["| network | dtype | `Auto` on a GPU (estimate): why | " + " | ".join(solvers)
+             + " | largest error of a converged solve | `torch.nn`'s error (estimate) |",
+             "|---|---|---|" + "---|" * len(solvers) + "---|---|"]
+    for network in data["networks"]:
+        for problem in network["problems"]:
+            choice, why = auto_on_gpu(problem)
+            runs = {run["solver"]: run for run in problem["runs"]}
+            cells = []
+            for name in solvers:
+                run = runs.get(name)
+                if run is None:
+                    cells.append("—")
+                    continue
+                observed = f"{run['iterations']}" if run["converged"] else f"stopped at {run['iterations']}"
+                predicted = problem["predicted_prefix"].get(name)
+                cells.append(observed if predicted is None else f"{observed} ({predicted})")
+            errors = [run["error"] for run in problem["runs"] if run["converged"]]
+            lines.append(f"| {network['name'].split(' (')[0]} | {problem['dtype']} | **{choice}**: {why} | "
+                         + " | ".join(cells) + f" | {max(errors):.1e} | {problem['torch_error']:.1e} "
+                         f"({problem['torch_forward_error_estimate']:.1e}) |")
+    return lines
 
 
 def write_doc(data: dict) -> None:
     meta = data["meta"]
     lines = [f"## Measured ({meta['date'][:10]}, {meta['platform']}, torch {meta['torch']}, "
-             f"{meta['torch_threads']} thread(s))", ""]
+             f"{meta['torch_threads']} thread(s))", "",
+             "### The targets in one table", "",
+             f"Iterations observed, and in brackets predicted from a 256-step prefix before solving; "
+             f"'stopped' means the {meta.get('budget_seconds', 60):.0f} s budget ran out. `Auto` keeps "
+             "the fused kernel on a CPU; its choice on a GPU is the rule of `fixedpoint/solvers/auto.py` "
+             "with the GPU times it would measure replaced by estimated ranges (cuDNN 3–10 µs per "
+             f"position; a quasi-Newton iteration {QUASI_NEWTON_LAUNCHES} launches of 3–5 µs): an estimate, "
+             "unmeasured on a GPU. Errors are against the float64 loop.", ""]
+    lines += summary_table(data) + [""]
     for network in data["networks"]:
         quantity = network.get("loading_quantity", "speech probability")
         lines += [f"### {network['name']} (measured {network.get('date', meta['date'][:10])})", "", f"Inputs: {network.get('inputs', 'espeak-ng speech')}. Loading check: "

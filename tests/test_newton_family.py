@@ -11,6 +11,7 @@ from conftest import CELL_IDS, CELLS, randn
 from fixedpoint import (
     Auto, ElmanCell, InputError, Network, Newton, Picard, QuasiNewton, Sequential, SequenceSystem, solve, solve_network,
 )
+from fixedpoint.solvers.newton import SEQUENTIAL_FROM
 
 
 def per_unit_part(full: torch.Tensor, kind: str) -> torch.Tensor:
@@ -93,18 +94,19 @@ def test_memory_guard_chunks_or_refuses():
     network = Network.random("gru", 3, 6, seed=1)
     system = SequenceSystem.build(network.cells[0][0], randn(200, 2, 3, seed=2))
     per_position = 4 * 2 * 6 * 6 * 8  # factor · B · S² · itemsize
-    whole = solve(system, Newton())
+    whole = solve(system, Newton(recurrence="scan"))
     assert whole.stats.solver["chunk"] is None
-    chunked = solve(system, Newton(memory_limit=50 * per_position))
+    chunked = solve(system, Newton(recurrence="scan", memory_limit=50 * per_position))
     assert chunked.stats.solver["chunk"] == 50
     assert chunked.stats.iterations == whole.stats.iterations
     assert float((chunked.value - whole.value).abs().max()) <= 1e-13
     with pytest.raises(InputError, match=r"quasi-Newton \(Newton\(jacobian='diagonal'\)"):
-        solve(system, Newton(memory_limit=10 * per_position))
+        solve(system, Newton(recurrence="scan", memory_limit=10 * per_position))
     with pytest.raises(InputError, match="dense Newton needs"):
-        solve(system, Newton(chunk=100, memory_limit=50 * per_position))
-    # quasi-Newton needs no Jacobian memory guard
+        solve(system, Newton(recurrence="scan", chunk=100, memory_limit=50 * per_position))
+    # quasi-Newton and the matrix-free loop form no S×S matrix: no Jacobian memory guard
     assert solve(system, QuasiNewton(memory_limit=1)).converged
+    assert solve(system, Newton(recurrence="sequential", memory_limit=1)).converged
 
 
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
@@ -241,3 +243,55 @@ def test_auto_calibrates_on_cuda_and_stays_exact(kind):
     assert {s.stats.solver["method"] for s in solution.solutions} <= {"sequential-fused", "quasi-newton"}
     expected = solve_network(network, inputs, None, Sequential())
     assert float((solution.output - expected.output).abs().max()) <= 1e-10
+
+
+@settings(max_examples=30, deadline=None)
+@given(cell_index=st.integers(0, len(CELLS)), jacobian=st.sampled_from(["full", "diagonal"]),
+       steps=st.integers(1, 12), chunk=st.one_of(st.none(), st.integers(1, 5)), seed=st.integers(0, 10_000))
+def test_the_sequential_and_the_scanned_recurrence_give_the_same_newton_point(cell_index, jacobian, steps, chunk, seed):
+    # At an arbitrary iterate (not the solution), both ways of solving the step's recurrence, and
+    # the dense recurrence solved from the formed Jacobians one position at a time, agree.
+    if cell_index == len(CELLS):  # the projected LSTM: S = P + H
+        network = Network.random("lstm", 3, 5, proj_size=2, scale=2.0, seed=seed)
+    else:
+        kind, nonlinearity = CELLS[cell_index]
+        network = Network.random(kind, 3, 4, nonlinearity=nonlinearity, scale=2.0, seed=seed)
+    system = SequenceSystem.build(network.cells[0][0], randn(steps, 2, 3, seed=seed + 1))
+    iterate = randn(*system.state_shape, seed=seed + 2)
+    predecessor = system.initial_state
+    image = system.apply_window(iterate, predecessor)
+    solver = Newton(jacobian=jacobian)
+    scanned = solver.newton_iterate(system, iterate, image, predecessor, chunk, "scan")
+    looped = solver.newton_iterate(system, iterate, image, predecessor, chunk, "sequential")
+    size = float(scanned.abs().max())
+    assert float((looped - scanned).abs().max()) <= 1e-12 * max(size, 1.0)
+    if jacobian == "full":  # the definition: y_t = G_t + J_t (y_{t−1} − X_{t−1}), y_0 = G_0
+        previous = system.previous_states(iterate, predecessor)
+        jacobians = system.cell.jacobian(previous, system.projected_inputs)
+        expected, point = [], predecessor
+        for t in range(steps):
+            point = image[t] + (jacobians[t] @ (point - previous[t]).unsqueeze(-1)).squeeze(-1)
+            expected.append(point)
+        assert float((looped - torch.stack(expected)).abs().max()) <= 1e-12 * max(size, 1.0)
+
+
+def test_recurrence_auto_is_the_matrix_free_loop_for_large_full_jacobians_on_a_cpu_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert Newton().resolved_recurrence(cpu, SEQUENTIAL_FROM) == "sequential"
+    assert Newton().resolved_recurrence(cpu, SEQUENTIAL_FROM - 1) == "scan"
+    assert Newton().resolved_recurrence(cuda, 4096) == "scan"
+    assert QuasiNewton().resolved_recurrence(cpu, 4096) == "scan"
+    assert Newton(recurrence="scan").resolved_recurrence(cpu, 4096) == "scan"
+    assert QuasiNewton(recurrence="sequential").resolved_recurrence(cuda, 2) == "sequential"
+    assert Newton(damping="levenberg-marquardt").resolved_recurrence(cuda, 4096) == "sequential"  # its smoother
+    with pytest.raises(InputError, match="levenberg-marquardt solves its step by a sequential Kalman smoother"):
+        QuasiNewton(damping="levenberg-marquardt", recurrence="scan")
+    network = Network.random("gru", 3, SEQUENTIAL_FROM, scale=2.0, seed=3)
+    system = SequenceSystem.build(network.cells[0][0], randn(60, 2, 3, seed=4))
+    exact = system.sequential()
+    for solver in (Newton(), Newton(recurrence="scan"), Newton(damping="backtracking"), QuasiNewton(recurrence="sequential")):
+        solution = solve(system, solver)
+        assert solution.stats.solver["recurrence"] == solver.resolved_recurrence(system.inputs.device, SEQUENTIAL_FROM)
+        assert float((solution.value - exact).abs().max()) <= 1e-12
+    with pytest.raises(InputError, match="recurrence must be 'auto', 'scan' or 'sequential', got 'parallel'"):
+        Newton(recurrence="parallel")

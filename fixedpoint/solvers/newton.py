@@ -1,4 +1,5 @@
-"""The Newton family on ``S = F(S)``: every step is a linear recurrence, solved by a parallel scan.
+"""The Newton family on ``S = F(S)``: every step is a linear recurrence, solved by a parallel scan
+or, where that is cheaper, one position after another.
 
 Linearising ``F`` at the iterate ``X`` gives ``y_t = G_t + A_t (y_{t−1} − X_{t−1})`` with
 ``G = F(X)``: the recurrence ``y_t = A_t y_{t−1} + b_t``, ``b_t = G_t − A_t X_{t−1}``, started
@@ -11,6 +12,14 @@ from the exact predecessor of the active window.  ``A_t`` is
 
 Both are exact in one step where ``F`` is affine with that structure, and both keep finite
 termination: the driver writes the exact value of the window's first position after every step.
+
+How the step's recurrence is solved does not change the iterate (to rounding), only its cost
+(``recurrence``): ``"scan"`` forms ``A_t`` and runs the parallel scan (``O(log T)`` depth; with
+dense ``J_t`` that is ``O(T·B·S³)`` work and ``O(T·B·S²)`` memory, what a GPU is for);
+``"sequential"`` runs ``T`` dependent steps, for full Jacobians matrix-free with one product
+``J_t v`` each (:meth:`~fixedpoint.cells.Cell.jacobian_product`, ``O(T·B·G·H²)`` work, no ``S×S``
+matrix).  ``"auto"`` takes the loop for full Jacobians on a CPU from ``S = 24`` states on
+(``SEQUENTIAL_FROM``; docs/newton.md §5 measures the crossover) and the scan everywhere else.
 
 Safe steps.  A sample whose Newton iterate is not finite, or (undamped) whose residual grew by
 more than ``max_residual_growth`` since the previous iteration (to more than ``atol``), takes the
@@ -44,12 +53,19 @@ from torch import Tensor
 
 from fixedpoint.errors import InputError
 from fixedpoint.residual import Measurement, StopTest
-from fixedpoint.scan import Structure, apply_transitions, linear_recurrence, regularized_recurrence
+from fixedpoint.scan import (
+    Structure,
+    apply_transitions,
+    linear_recurrence,
+    linear_recurrence_sequential,
+    regularized_recurrence,
+)
 from fixedpoint.solvers.base import Solver, check_integer, check_number, counted
 from fixedpoint.system import SequenceSystem
 
 JacobianStructure = Literal["full", "diagonal"]
 Damping = Literal["none", "backtracking", "levenberg-marquardt"]
+Recurrence = Literal["auto", "scan", "sequential"]
 
 #: Armijo constant of the backtracking test (the usual 1e-4 of Nocedal & Wright).
 ARMIJO = 1e-4
@@ -59,6 +75,10 @@ ARMIJO = 1e-4
 DENSE_MEMORY_FACTOR = 4
 #: Fraction of the free memory that a dense Newton step may plan to use.
 MEMORY_FRACTION = 0.5
+#: State size from which ``recurrence="auto"`` solves a full-Jacobian step on a CPU by the
+#: matrix-free loop: below it the dense scan's ``S³`` work is smaller than the loop's per-position
+#: overhead (measured: docs/newton.md §5).
+SEQUENTIAL_FROM = 24
 #: Below this many positions per chunk a chunked dense scan is a slow sequential loop over
 #: chunks; the guard refuses instead and names the cheaper solver.
 MIN_CHUNK = 32
@@ -66,10 +86,12 @@ MIN_CHUNK = 32
 
 @dataclass
 class NewtonState:
-    """The system, the chunk length chosen by the memory guard, and per-sample counters ``(B,)``."""
+    """The system, the chunk length chosen by the memory guard, how the step's recurrence is
+    solved, and per-sample counters ``(B,)``."""
 
     system: SequenceSystem
     chunk: int | None
+    recurrence: Literal["scan", "sequential"]
     newton_steps: Tensor
     safe_steps: Tensor
     backtracks: Tensor
@@ -106,8 +128,12 @@ class Newton(Solver):
         rtol, atol: termination tolerances (see :class:`~fixedpoint.solvers.base.Solver`).
         jacobian: ``"full"`` or ``"diagonal"`` (per unit; 2×2 blocks for LSTM).
         damping: ``"none"`` or ``"backtracking"`` on the merit ``½ Σ_t ‖r_t‖²``.
-        chunk: positions per Jacobian-and-scan chunk; ``None`` lets the memory guard decide
-            (the whole window when it fits).
+        recurrence: how a step's linear recurrence is solved: ``"scan"`` (parallel),
+            ``"sequential"`` (one position after another; matrix-free for full Jacobians) or
+            ``"auto"`` (default: sequential for full Jacobians on a CPU from ``S = 24`` on, the
+            scan otherwise).
+        chunk: positions whose Jacobians (or, sequentially, their factors) are formed at once;
+            ``None`` lets the memory guard decide (the whole window when it fits).
         memory_limit: bytes a full-Jacobian step may use; ``None``: half the free memory of the
             device at the start of the solve.
         max_backtracks: most step halvings per iteration with ``damping="backtracking"``.
@@ -119,6 +145,7 @@ class Newton(Solver):
 
     jacobian: JacobianStructure = "full"
     damping: Damping = "none"
+    recurrence: Recurrence = "auto"
     chunk: int | None = None
     memory_limit: int | None = None
     max_backtracks: int = 8
@@ -133,6 +160,13 @@ class Newton(Solver):
             raise InputError(
                 f"damping must be 'none', 'backtracking' or 'levenberg-marquardt', got {self.damping!r}"
             )
+        if self.recurrence not in ("auto", "scan", "sequential"):
+            raise InputError(f"recurrence must be 'auto', 'scan' or 'sequential', got {self.recurrence!r}")
+        if self.damping == "levenberg-marquardt" and self.recurrence == "scan":
+            raise InputError(
+                "levenberg-marquardt solves its step by a sequential Kalman smoother (no parallel form "
+                "is built); use recurrence='auto' or 'sequential', or damping='backtracking' for a scan"
+            )
         check_number("regularization", self.regularization, 0, low_open=True)
         check_integer("chunk", self.chunk, allow_none=True)
         check_integer("memory_limit", self.memory_limit, allow_none=True)
@@ -146,14 +180,29 @@ class Newton(Solver):
             return f"lm-{base}"
         return base if self.damping == "none" else f"damped-{base}"
 
+    def resolved_recurrence(self, device: torch.device, state_size: int) -> Literal["scan", "sequential"]:
+        """What ``recurrence="auto"`` stands for on ``device`` with ``S = state_size`` (the
+        module docstring)."""
+        if self.recurrence != "auto":
+            return self.recurrence
+        if self.damping == "levenberg-marquardt":
+            return "sequential"  # its smoother
+        loop = self.jacobian == "full" and device.type != "cuda" and state_size >= SEQUENTIAL_FROM
+        return "sequential" if loop else "scan"
+
     # -- memory guard ----------------------------------------------------------------------------
     def plan_chunk(self, system: SequenceSystem) -> int | None:
-        """Positions per chunk for a full-Jacobian step (``None``: all at once), or refuse.
+        """Positions per chunk for a step that forms dense Jacobians (``None``: all at once), or
+        refuse.  Only the scan and Levenberg–Marquardt form them; the matrix-free loop keeps
+        ``O(B·G·H)`` numbers per position, as quasi-Newton does.
 
         Raises :class:`InputError` before anything is allocated when not even ``MIN_CHUNK``
         positions of Jacobians fit in the memory budget.
         """
-        if self.jacobian != "full":
+        dense = self.jacobian == "full" and (
+            self.damping == "levenberg-marquardt" or self.resolved_recurrence(system.inputs.device, system.state_shape[2]) == "scan"
+        )
+        if not dense:
             return self.chunk
         return plan_dense_chunk(
             system,
@@ -167,7 +216,8 @@ class Newton(Solver):
     def init(self, system: SequenceSystem, initial_guess: Tensor) -> tuple[Tensor, NewtonState]:
         chunk = self.plan_chunk(system)
         zeros = torch.zeros(system.batch, dtype=torch.long, device=initial_guess.device)
-        state = NewtonState(system, chunk, zeros, zeros.clone(), zeros.clone())
+        recurrence = self.resolved_recurrence(initial_guess.device, system.state_shape[2])
+        state = NewtonState(system, chunk, recurrence, zeros, zeros.clone(), zeros.clone())
         if self.damping == "levenberg-marquardt":
             if chunk is not None:
                 raise InputError(
@@ -216,9 +266,10 @@ class Newton(Solver):
             residual = image - iterate
             return self._levenberg_marquardt_step(system, iterate, image, residual, predecessor, state, active)
         if state.terms is not None:
-            newton = linear_recurrence(*state.terms, predecessor)
+            solver = linear_recurrence if state.recurrence == "scan" else linear_recurrence_sequential
+            newton = solver(*state.terms, predecessor)
         else:
-            newton = self.newton_iterate(system, iterate, image, predecessor, state.chunk)
+            newton = self.newton_iterate(system, iterate, image, predecessor, state.chunk, state.recurrence)
         if self.damping == "backtracking":
             residual = image - iterate
             newton, accepted = self._backtrack(system, iterate, image, newton, residual, predecessor, state, active)
@@ -237,19 +288,28 @@ class Newton(Solver):
         return newton, state
 
     def newton_iterate(
-        self, system: SequenceSystem, iterate: Tensor, image: Tensor, predecessor: Tensor, chunk: int | None
+        self,
+        system: SequenceSystem,
+        iterate: Tensor,
+        image: Tensor,
+        predecessor: Tensor,
+        chunk: int | None,
+        recurrence: Literal["scan", "sequential"] = "scan",
     ) -> Tensor:
         """The (quasi-)Newton point ``Y`` of the linearisation at ``X``: ``(n, B, S)``."""
         window = iterate.shape[0]
         previous, inputs, jacobian, structure = self._linearization(system, iterate, predecessor)
         size = chunk or window
+        if recurrence == "sequential" and self.jacobian == "full":
+            return _newton_point_matrix_free(system, iterate, image, previous, inputs, size)
+        solver = linear_recurrence if recurrence == "scan" else linear_recurrence_sequential
         pieces = []
         start_state = predecessor
         for start in range(0, window, size):
             part = slice(start, start + size)
             transitions = jacobian(previous[part], inputs[part])
             values = image[part] - apply_transitions(transitions, previous[part], structure)
-            piece = linear_recurrence(transitions, values, start_state)
+            piece = solver(transitions, values, start_state)
             del transitions, values
             pieces.append(piece)
             start_state = piece[-1]
@@ -344,6 +404,7 @@ class Newton(Solver):
             "newton_steps": state.newton_steps.tolist(),
             "safe_steps": state.safe_steps.tolist(),
             "chunk": state.chunk,
+            "recurrence": state.recurrence,
         }
         if self.damping == "backtracking":
             stats["backtracks"] = state.backtracks.tolist()
@@ -352,6 +413,25 @@ class Newton(Solver):
             stats["kept"] = state.kept.tolist()
             stats["regularization"] = state.regularization.tolist()
         return stats
+
+
+def _newton_point_matrix_free(
+    system: SequenceSystem, iterate: Tensor, image: Tensor, previous: Tensor, inputs: Tensor, chunk: int
+) -> Tensor:
+    """The full-Jacobian Newton point ``y_t = G_t + J_t (y_{t−1} − X_{t−1})`` one position after
+    another, each step one product ``J_t v`` from the cell's factors: no ``S×S`` matrix is formed.
+    ``chunk`` positions' factors are formed at once.  At the window's first position
+    ``y_{t−1} = X_{t−1}`` (the exact predecessor), so the loop starts from a zero offset."""
+    cell = system.cell
+    out = torch.empty_like(image)
+    offset = torch.zeros_like(image[0])  # y_{t−1} − X_{t−1}
+    for start in range(0, image.shape[0], chunk):
+        factors = cell.linearization(previous[start : start + chunk], inputs[start : start + chunk])
+        for t in range(factors[0].shape[0]):
+            point = image[start + t] + cell.jacobian_product(tuple(f[t] for f in factors), offset)
+            out[start + t] = point
+            offset = point - iterate[start + t]
+    return out
 
 
 def plan_dense_chunk(
