@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CELL_IDS, CELLS, make_hx, randn, reference
+from helpers import CELLS, CELL_IDS, make_hx, randn, random_network, reference
 from fixedpoint import (
     Anderson,
     ElmanCell,
@@ -38,10 +38,6 @@ ALL_SOLVERS = [
 SOLVER_IDS = ["sequential", "sequential-fused", "picard", "picard-damped", "anderson", "newton", "quasi-newton", "damped"]
 
 
-def network_of(kind: str, nonlinearity: str = "tanh", **options) -> Network:
-    return Network.random(kind, 3, 4, nonlinearity=nonlinearity, seed=options.pop("seed", 1), **options)
-
-
 def test_input_error_is_a_value_error():
     assert issubclass(InputError, ValueError)
     assert issubclass(NoConvergence, RuntimeError)
@@ -51,7 +47,7 @@ def test_input_error_is_a_value_error():
 @pytest.mark.parametrize("bad", BAD_VALUES, ids=BAD_IDS)
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_nonfinite_inputs(kind, nonlinearity, bad):
-    network = network_of(kind, nonlinearity)
+    network = random_network(kind, nonlinearity)
     inputs = randn(6, 2, 3, seed=2)
     inputs[4, 1, 2] = bad
     with pytest.raises(InputError, match="NaN/Inf"):
@@ -67,7 +63,7 @@ CELL_CLASSES = {"elman": ElmanCell, "gru": GRUCell, "lstm": LSTMCell}
 @pytest.mark.parametrize("bad", BAD_VALUES, ids=BAD_IDS)
 @pytest.mark.parametrize("kind", ["elman", "gru", "lstm"])
 def test_nonfinite_weights(kind, bad, which):
-    good = network_of(kind).cells[0][0]
+    good = random_network(kind).cells[0][0]
     tensors = {name: getattr(good, name).clone() for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
     tensors[which].view(-1)[3] = bad
     with pytest.raises(InputError, match=which):
@@ -75,7 +71,7 @@ def test_nonfinite_weights(kind, bad, which):
     with pytest.raises(InputError, match=which):
         good.with_tensors(**{which: tensors[which]})
     # The same through torch.nn modules and state_dicts.
-    module = network_of(kind).to_torch()
+    module = random_network(kind).to_torch()
     with torch.no_grad():
         getattr(module, f"{which}_l0").view(-1)[3] = bad
     with pytest.raises(InputError):
@@ -87,7 +83,7 @@ def test_nonfinite_weights(kind, bad, which):
 @pytest.mark.parametrize("bad", BAD_VALUES, ids=BAD_IDS)
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_nonfinite_hx(kind, nonlinearity, bad):
-    network = network_of(kind, nonlinearity, num_layers=2)
+    network = random_network(kind, nonlinearity, num_layers=2)
     inputs = randn(5, 2, 3, seed=3)
     hx = make_hx(network, 2, seed=4)
     if kind == "lstm":
@@ -109,7 +105,7 @@ def test_nonfinite_hx(kind, nonlinearity, bad):
 
 
 def test_nonfinite_initial_guess():
-    system = SequenceSystem.build(network_of("gru").cells[0][0], randn(5, 2, 3, seed=5))
+    system = SequenceSystem.build(random_network("gru").cells[0][0], randn(5, 2, 3, seed=5))
     guess = torch.zeros(system.state_shape, dtype=torch.float64)
     guess[2, 1, 1] = float("nan")
     with pytest.raises(InputError, match="NaN/Inf"):
@@ -121,7 +117,7 @@ def test_nonfinite_initial_guess():
                          ids=["2d", "4d", "features+1", "features-1", "T=0", "B=0"])
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_wrong_input_shape(kind, nonlinearity, shape):
-    network = network_of(kind, nonlinearity)
+    network = random_network(kind, nonlinearity)
     inputs = torch.zeros(shape, dtype=torch.float64)
     with pytest.raises(InputError):
         solve_network(network, inputs)
@@ -130,14 +126,14 @@ def test_wrong_input_shape(kind, nonlinearity, shape):
 
 
 def test_wrong_input_shape_batch_first():
-    network = Network(network_of("gru").cells, batch_first=True)
+    network = Network(random_network("gru").cells, batch_first=True)
     with pytest.raises(InputError, match="features"):
         solve_network(network, torch.zeros(2, 6, 4, dtype=torch.float64))  # (B, T, I+1)
 
 
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_wrong_hx_shape(kind, nonlinearity):
-    network = network_of(kind, nonlinearity, num_layers=2)
+    network = random_network(kind, nonlinearity, num_layers=2)
     inputs = randn(5, 2, 3, seed=6)
     for shape in [(2, 3, 4), (1, 2, 4), (3, 2, 4), (2, 2, 5), (2, 4), (2, 2, 4, 1)]:
         part = torch.zeros(shape, dtype=torch.float64)
@@ -154,7 +150,7 @@ def test_wrong_hx_shape(kind, nonlinearity):
 
 
 def test_lstm_needs_a_pair():
-    network = network_of("lstm")
+    network = random_network("lstm")
     inputs = randn(5, 2, 3, seed=7)
     h0 = torch.zeros(1, 2, 4, dtype=torch.float64)
     for hx in (h0, (h0,), (h0, h0, h0)):
@@ -164,14 +160,14 @@ def test_lstm_needs_a_pair():
 
 @pytest.mark.parametrize("kind,nonlinearity", CELLS[:3], ids=CELL_IDS[:3])
 def test_single_state_cells_refuse_a_pair(kind, nonlinearity):
-    network = network_of(kind, nonlinearity)
+    network = random_network(kind, nonlinearity)
     h0 = torch.zeros(1, 2, 4, dtype=torch.float64)
     with pytest.raises(InputError, match="single tensor"):
         solve_network(network, randn(5, 2, 3, seed=8), (h0, h0))
 
 
 def test_wrong_initial_guess_shape():
-    system = SequenceSystem.build(network_of("lstm").cells[0][0], randn(5, 2, 3, seed=9))
+    system = SequenceSystem.build(random_network("lstm").cells[0][0], randn(5, 2, 3, seed=9))
     with pytest.raises(InputError, match="initial_guess"):
         solve(system, Picard(), initial_guess=torch.zeros(5, 2, 4, dtype=torch.float64))
 
@@ -180,7 +176,7 @@ def test_wrong_initial_guess_shape():
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float16, torch.bfloat16, torch.complex128, torch.bool])
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_unsupported_input_dtype(kind, nonlinearity, dtype):
-    network = network_of(kind, nonlinearity)
+    network = random_network(kind, nonlinearity)
     inputs = torch.ones(5, 2, 3, dtype=dtype)
     with pytest.raises(InputError, match="dtype"):
         solve_network(network, inputs)
@@ -190,7 +186,7 @@ def test_unsupported_input_dtype(kind, nonlinearity, dtype):
 
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_mixed_dtypes(kind, nonlinearity):
-    network = network_of(kind, nonlinearity)  # float64
+    network = random_network(kind, nonlinearity)  # float64
     with pytest.raises(InputError):
         solve_network(network, randn(5, 2, 3, seed=10, dtype=torch.float32))
     hx = make_hx(network.to(torch.float32), 2, seed=11)  # float32 hx for float64 weights
@@ -203,11 +199,11 @@ def test_mixed_dtypes(kind, nonlinearity):
 
 def test_not_a_tensor():
     with pytest.raises(InputError, match="torch.Tensor"):
-        solve_network(network_of("gru"), [[[0.0, 0.0, 0.0]]])
+        solve_network(random_network("gru"), [[[0.0, 0.0, 0.0]]])
 
 
 def test_cell_weight_shapes_of_another_cell_type():
-    gru = network_of("gru").cells[0][0]
+    gru = random_network("gru").cells[0][0]
     with pytest.raises(InputError, match="another cell type"):
         LSTMCell(gru.weight_ih, gru.weight_hh, gru.bias_ih, gru.bias_hh)
     with pytest.raises(InputError, match="another cell type"):
@@ -232,7 +228,7 @@ def test_network_random_bad_options(kwargs):
 
 # -- weights files ----------------------------------------------------------------------------------------
 def test_weights_of_another_cell_type(tmp_path):
-    gru = network_of("gru", num_layers=2)
+    gru = random_network("gru", num_layers=2)
     path = tmp_path / "gru.pt"
     torch.save(gru.to_torch().state_dict(), path)
     loaded = load_network(path)
@@ -248,7 +244,7 @@ def test_weights_of_another_cell_type(tmp_path):
 
 
 def test_module_nonlinearity_mismatch(tmp_path):
-    module = network_of("elman", "tanh").to_torch()
+    module = random_network("elman", "tanh").to_torch()
     torch.save(module, tmp_path / "tanh.pt")
     with pytest.raises(InputError, match="nonlinearity"):
         load_network(tmp_path / "tanh.pt", nonlinearity="relu")
@@ -275,7 +271,7 @@ def test_corrupt_file(tmp_path, content):
 
 def test_truncated_file(tmp_path):
     path = tmp_path / "whole.pt"
-    torch.save(network_of("lstm").to_torch().state_dict(), path)
+    torch.save(random_network("lstm").to_torch().state_dict(), path)
     data = path.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError):
@@ -287,8 +283,8 @@ def test_file_with_other_content(tmp_path):
         "list.pt": [torch.zeros(3)],
         "tensor.pt": torch.zeros(4, 4),
         "linear.pt": nn.Linear(3, 4).state_dict(),
-        "extra.pt": {**network_of("gru").state_dict(), "weight_hh_l7_extra": torch.zeros(1)},
-        "no-ih.pt": {k: v for k, v in network_of("gru").state_dict().items() if k != "weight_ih_l0"},
+        "extra.pt": {**random_network("gru").state_dict(), "weight_hh_l7_extra": torch.zeros(1)},
+        "no-ih.pt": {k: v for k, v in random_network("gru").state_dict().items() if k != "weight_ih_l0"},
     }
     for name, obj in cases.items():
         torch.save(obj, tmp_path / name)
@@ -385,7 +381,7 @@ def test_solver_configs_are_frozen():
 
 
 def test_bad_solve_arguments():
-    system = SequenceSystem.build(network_of("gru").cells[0][0], randn(5, 2, 3, seed=13))
+    system = SequenceSystem.build(random_network("gru").cells[0][0], randn(5, 2, 3, seed=13))
     with pytest.raises(InputError, match="Solver"):
         solve(system, "picard")  # type: ignore[arg-type]
     for max_steps in (0, -1, 2.5, True):
@@ -397,7 +393,7 @@ def test_bad_solve_arguments():
 @pytest.mark.parametrize("solver", [Picard(), Picard(damping=0.5), Anderson()], ids=["picard", "damped", "anderson"])
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_max_steps_reached(kind, nonlinearity, solver):
-    network = network_of(kind, nonlinearity, scale=2.0)
+    network = random_network(kind, nonlinearity, scale=2.0)
     system = SequenceSystem.build(network.cells[0][0], randn(60, 2, 3, seed=14))
     with pytest.raises(NoConvergence) as caught:
         solve(system, solver, max_steps=3)
@@ -420,7 +416,7 @@ def test_max_steps_reached(kind, nonlinearity, solver):
 
 
 def test_max_steps_reached_whole_network():
-    network = network_of("lstm", num_layers=2, bidirectional=True)
+    network = random_network("lstm", num_layers=2, bidirectional=True)
     inputs = randn(40, 2, 3, seed=15)
     with pytest.raises(NoConvergence) as caught:
         solve_network(network, inputs, None, Picard(), max_steps=2)

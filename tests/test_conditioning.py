@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CELL_IDS, CELLS, generator, make_hx, randn
+from helpers import CELL_IDS, CELLS, generator, make_hx, randn
 from fixedpoint import InputError, Network, Picard, SequenceSystem, solve, solve_network
 from fixedpoint.conditioning import (
     output_order,

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, assume, event, given, note, settings, target
 from hypothesis import strategies as st
 from torch import Tensor
 
-from conftest import CELL_IDS, CELLS, generator, randn
+from helpers import CELL_IDS, CELLS, generator, randn
 from fixedpoint import ElmanCell, InputError, Network, Picard, SequenceSystem, solve
 from fixedpoint.cells import CELL_TYPES, Cell
 from fixedpoint.contraction import (
@@ -92,7 +92,7 @@ def uniform_in(lo: Tensor | float, hi: Tensor | float, shape: tuple[int, ...], g
 
 
 @st.composite
-def systems(
+def small_systems(
     draw,
     *,
     kinds=tuple(CELLS),
@@ -225,7 +225,7 @@ ASCENT_STEPS = 10
 
 
 @fast(50)
-@given(system=systems(initial="any"), norm=st.sampled_from(NORMS), seed=SEEDS)
+@given(system=small_systems(initial="any"), norm=st.sampled_from(NORMS), seed=SEEDS)
 def test_sampled_ratios_never_exceed_certified_bound(system, norm, seed):
     """No pair ``s, s'`` in the box (uniform pairs, near pairs, and both pushed to the worst case
     by projected gradient ascent on the ratio) beats ``L_t``; nor does ``‖J(s)‖`` at any sample."""
@@ -301,7 +301,7 @@ def test_sampled_ratios_never_exceed_certified_bound(system, norm, seed):
 
 
 @fast(100)
-@given(system=systems(initial="unit", max_len=10, max_batch=3, max_hidden=8), norm=st.sampled_from(NORMS))
+@given(system=small_systems(initial="unit", max_len=10, max_batch=3, max_hidden=8), norm=st.sampled_from(NORMS))
 def test_global_bound_dominates_every_conditional_entry(system, norm):
     """``certified_global_bound`` ≥ every entry of the data-conditional bound (states in the
     box of ``h_0 ∈ [−1, 1]``, ``c_0 = 0``); Elman: ``‖W_hh‖`` exactly; GRU/LSTM ≥ 1."""
@@ -350,7 +350,7 @@ def test_lstm_global_bound_needs_seq_len_and_grows_with_it():
 def contractive_systems(draw):
     kind = draw(st.sampled_from([("elman", "tanh"), ("elman", "relu"), ("gru", "tanh")]), label="cell")
     low, high = (0.3, 0.8) if kind[0] == "elman" else (0.1, 0.6)
-    return draw(systems(kinds=(kind,), min_scale=low, max_scale=high, min_len=4, max_len=20, max_batch=3,
+    return draw(small_systems(kinds=(kind,), min_scale=low, max_scale=high, min_len=4, max_len=20, max_batch=3,
                         max_hidden=8, initial="unit"))
 
 
@@ -407,8 +407,8 @@ def wavefront_bound(lipschitz: Tensor, state_norm: Tensor, k: int) -> Tensor:
 @fast(70)
 @given(
     system=st.one_of(  # any scale in [0.25, 4], and often a small one, where the prediction bites
-        systems(min_len=1, max_len=40, max_batch=3, max_hidden=8, initial="any"),
-        systems(max_scale=0.8, min_len=1, max_len=40, max_batch=3, max_hidden=8, initial="any"),
+        small_systems(min_len=1, max_len=40, max_batch=3, max_hidden=8, initial="any"),
+        small_systems(max_scale=0.8, min_len=1, max_len=40, max_batch=3, max_hidden=8, initial="any"),
     ),
     norm=st.sampled_from(NORMS),
     atol=st.sampled_from([None, 1e-6]),
@@ -578,7 +578,7 @@ def test_lstm_inf_estimate_is_the_induced_norm():
 
 
 @fast(70)
-@given(system=systems(min_len=1, max_len=20, max_batch=3, max_hidden=8, initial="any"), norm=st.sampled_from(NORMS))
+@given(system=small_systems(min_len=1, max_len=20, max_batch=3, max_hidden=8, initial="any"), norm=st.sampled_from(NORMS))
 def test_estimated_step_norms_below_certified_bounds(system, norm):
     cell = system.cell
     steps, batch, _ = system.state_shape

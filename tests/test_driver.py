@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fixedpoint import InputError, Network, Newton, Picard, QuasiNewton, SequenceSystem, solve
 from fixedpoint.data import gaussian_inputs
 from fixedpoint.profiling import OperationCounter
-from test_invariants import SOLVER_CHOICES, systems
+from helpers import SOLVER_CHOICES, solver_systems
 
 ITERATIVE = sorted(set(SOLVER_CHOICES) - {"sequential"}) + ["lm-quasi-newton"]
 
@@ -32,7 +32,7 @@ ROBUST_PATH = {"picard", "picard-damped", "quasi-newton", "newton"}
 
 @settings(max_examples=60, deadline=None)
 @given(
-    system=systems(max_scale=3.0, max_len=30),
+    system=solver_systems(max_scale=3.0, max_len=30),
     name=st.sampled_from(ITERATIVE),
     every=st.integers(2, 5),
     max_steps=st.one_of(st.none(), st.integers(1, 12)),

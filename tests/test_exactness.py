@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import BOUNDS, CELL_IDS, CELLS, generator, make_hx, max_diff, randn, reference
+from helpers import BOUNDS, CELLS, CELL_IDS, generator, make_hx, max_diff, randn, random_network, reference
 from fixedpoint import (
     Anderson, Auto, InputError, Network, Newton, Picard, QuasiNewton, SequenceSystem, Sequential, load_network, solve,
     solve_network,
@@ -30,13 +30,6 @@ DTYPE_IDS = ["f64", "f32"]
 INPUT_SIZE = 3
 HIDDEN = 5
 BATCH = 2
-
-
-def random_network(kind: str, nonlinearity: str, *, seed: int, dtype=torch.float64, **options) -> Network:
-    return Network.random(
-        kind, options.pop("input_size", INPUT_SIZE), options.pop("hidden_size", HIDDEN),
-        nonlinearity=nonlinearity, seed=seed, dtype=dtype, **options,
-    )
 
 
 def check_against_torch(network: Network, inputs, hx=None, solver=None, module=None):
@@ -61,7 +54,7 @@ def check_against_torch(network: Network, inputs, hx=None, solver=None, module=N
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_matches_torch(kind, nonlinearity, num_layers, seq_len, solver, dtype):
     seed = 100 * num_layers + seq_len + 7 * CELLS.index((kind, nonlinearity))
-    network = random_network(kind, nonlinearity, seed=seed, dtype=dtype, num_layers=num_layers)
+    network = random_network(kind, nonlinearity, hidden_size=HIDDEN, seed=seed, dtype=dtype, num_layers=num_layers)
     inputs = randn(seq_len, BATCH, INPUT_SIZE, seed=seed + 1, dtype=dtype)
     solution = check_against_torch(network, inputs, solver=solver)
     assert solution.output.shape == (seq_len, BATCH, HIDDEN)
@@ -76,7 +69,7 @@ def test_matches_torch(kind, nonlinearity, num_layers, seq_len, solver, dtype):
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_bidirectional(kind, nonlinearity, num_layers, solver, dtype):
-    network = random_network(kind, nonlinearity, seed=11 + num_layers, dtype=dtype,
+    network = random_network(kind, nonlinearity, hidden_size=HIDDEN, seed=11 + num_layers, dtype=dtype,
                              num_layers=num_layers, bidirectional=True)
     assert network.bidirectional and network.to_torch().bidirectional
     inputs = randn(37, BATCH, INPUT_SIZE, seed=12, dtype=dtype)
@@ -91,7 +84,7 @@ def test_bidirectional(kind, nonlinearity, num_layers, solver, dtype):
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_batch_first(kind, nonlinearity, bidirectional, solver):
-    base = random_network(kind, nonlinearity, seed=21, num_layers=2, bidirectional=bidirectional)
+    base = random_network(kind, nonlinearity, hidden_size=HIDDEN, seed=21, num_layers=2, bidirectional=bidirectional)
     network = Network(base.cells, batch_first=True)
     module = network.to_torch()
     assert module.batch_first
@@ -109,7 +102,7 @@ def test_batch_first(kind, nonlinearity, bidirectional, solver):
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_nonzero_hx(kind, nonlinearity, bidirectional, solver, dtype):
-    network = random_network(kind, nonlinearity, seed=31, dtype=dtype, num_layers=2, bidirectional=bidirectional)
+    network = random_network(kind, nonlinearity, hidden_size=HIDDEN, seed=31, dtype=dtype, num_layers=2, bidirectional=bidirectional)
     inputs = randn(23, BATCH, INPUT_SIZE, seed=32, dtype=dtype)
     hx = make_hx(network, BATCH, seed=33)
     solution = check_against_torch(network, inputs, hx=hx, solver=solver)
@@ -122,7 +115,7 @@ def test_nonzero_hx(kind, nonlinearity, bidirectional, solver, dtype):
 @pytest.mark.parametrize("solver", SOLVERS, ids=SOLVER_IDS)
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_no_bias(kind, nonlinearity, solver, dtype):
-    network = random_network(kind, nonlinearity, seed=41, dtype=dtype, num_layers=2, bias=False)
+    network = random_network(kind, nonlinearity, hidden_size=HIDDEN, seed=41, dtype=dtype, num_layers=2, bias=False)
     assert not network.has_bias
     module = network.to_torch()
     assert module.bias is False and "bias_ih_l0" not in module.state_dict()
@@ -232,7 +225,7 @@ def test_solves_and_modules_compute_in_true_float32_whatever_the_process_chose()
     # duration (float32 exactness claims need it) and restore the caller's choice afterwards.
     from fixedpoint.nn import GRU
 
-    network = random_network("gru", "tanh", seed=5, dtype=torch.float32)
+    network = random_network("gru", "tanh", hidden_size=HIDDEN, seed=5, dtype=torch.float32)
     system = SequenceSystem.build(network.cells[0][0], randn(6, BATCH, INPUT_SIZE, seed=6, dtype=torch.float32))
     seen = []
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -279,7 +272,7 @@ def test_variable_lengths_match_packed_torch_nn(kind, nonlinearity, solver, batc
     # lengths: each sample's system ends at its own length, as torch.nn's PackedSequence path.
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-    network = random_network(kind, nonlinearity, seed=31, num_layers=2, bidirectional=True)
+    network = random_network(kind, nonlinearity, hidden_size=HIDDEN, seed=31, num_layers=2, bidirectional=True)
     network = Network(network.cells, batch_first=batch_first)
     lengths = torch.tensor([3, 9, 1, 6])
     inputs = randn(9, 4, INPUT_SIZE, seed=32)
@@ -296,7 +289,7 @@ def test_variable_lengths_match_packed_torch_nn(kind, nonlinearity, solver, batc
 
 
 def test_variable_lengths_are_validated():
-    network = random_network("gru", "tanh", seed=1)
+    network = random_network("gru", "tanh", hidden_size=HIDDEN, seed=1)
     inputs = randn(5, 3, INPUT_SIZE, seed=2)
     for lengths, message in (([5, 4], "one entry per sample"), ([5, 6, 1], "1 … T"), ([5, 0, 1], "1 … T"),
                              (torch.tensor([5.0, 4.0, 1.0]), "integers")):
@@ -311,7 +304,7 @@ def test_variable_lengths_are_validated():
 @pytest.mark.parametrize("kind,nonlinearity", CELLS, ids=CELL_IDS)
 def test_matches_torch_on_cuda(kind, nonlinearity, dtype):
     """Same bounds on CUDA against torch.nn's cuDNN path (TF32 off: it is not float32)."""
-    network = random_network(kind, nonlinearity, seed=91, dtype=dtype, num_layers=2, bidirectional=True).to(
+    network = random_network(kind, nonlinearity, hidden_size=HIDDEN, seed=91, dtype=dtype, num_layers=2, bidirectional=True).to(
         device="cuda"
     )
     assert network.device.type == "cuda"
@@ -330,7 +323,7 @@ def test_matches_torch_on_cuda(kind, nonlinearity, dtype):
 @pytest.mark.parametrize("config", [dict(num_layers=1), dict(num_layers=2, bidirectional=True)], ids=["1l", "2l-bi"])
 @pytest.mark.parametrize("seq_len", [1, 7, 300])
 def test_projected_lstm_matches_torch(seq_len, config, solver, dtype):
-    network = random_network("lstm", "tanh", seed=61 + seq_len, dtype=dtype, proj_size=2, **config)
+    network = random_network("lstm", "tanh", hidden_size=HIDDEN, seed=61 + seq_len, dtype=dtype, proj_size=2, **config)
     assert network.proj_size == 2 and network.output_size == 2 and network.hidden_size == HIDDEN
     inputs = randn(seq_len, BATCH, INPUT_SIZE, seed=62, dtype=dtype)
     hx = make_hx(network, BATCH, seed=63)

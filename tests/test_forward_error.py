@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CELL_IDS, CELLS, randn
+from helpers import CELL_IDS, CELLS, randn
 from fixedpoint import InputError, Network, Picard, SequenceSystem, solve, solve_network
 from fixedpoint.forward_error import correction_and_residual, forward_error_estimate, linearized_correction
 from fixedpoint.scan import linear_recurrence_sequential

@@ -12,46 +12,12 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from conftest import CELLS, randn
+from helpers import CELLS, SOLVER_CHOICES, randn, solver_systems
 from fixedpoint import Anderson, Network, Newton, Picard, QuasiNewton, Result, Sequential, SequenceSystem, solve, solve_network
 from fixedpoint.forward_error import correction_and_residual
 
 # max_examples, deadline and health checks come from the profile loaded in conftest.py.
 SETTINGS = settings()
-
-SOLVER_CHOICES = {
-    "sequential": lambda: Sequential(),
-    "picard": lambda: Picard(),
-    "picard-damped": lambda: Picard(damping=0.5),
-    "anderson": lambda: Anderson(),
-    "newton": lambda: Newton(),
-    "quasi-newton": lambda: QuasiNewton(),
-    "damped-newton": lambda: Newton(damping="backtracking"),
-    "anderson-m2-mix": lambda: Anderson(memory=2, mixing=0.7),
-}
-
-
-@st.composite
-def systems(draw, *, min_scale=0.5, max_scale=3.0, min_len=1, max_len=40, dtypes=(torch.float64,)):
-    """A random :class:`SequenceSystem` (with a random non-zero s_0 half of the time)."""
-    kind, nonlinearity = draw(st.sampled_from(CELLS))
-    hidden = draw(st.integers(2, 8))
-    inputs_size = draw(st.integers(1, 4))
-    scale = draw(st.floats(min_scale, max_scale))
-    steps = draw(st.integers(min_len, max_len))
-    batch = draw(st.integers(1, 3))
-    seed = draw(st.integers(0, 2**31 - 1))
-    dtype = draw(st.sampled_from(dtypes))
-    if nonlinearity == "relu" and dtype == torch.float32:
-        dtype = torch.float64  # an expanding relu network may overflow float32 honestly
-    network = Network.random(kind, inputs_size, hidden, nonlinearity=nonlinearity, scale=scale, seed=seed, dtype=dtype)
-    cell = network.cells[0][0]
-    inputs = randn(steps, batch, inputs_size, seed=seed + 1, dtype=dtype)
-    initial = None
-    if draw(st.booleans()):
-        initial = 0.5 * randn(batch, cell.state_size, seed=seed + 2, dtype=dtype)
-    return SequenceSystem.build(cell, inputs, initial)
-
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest ``|a − e| / max(1, |e|)``: absolute for O(1) states, relative for large relu states."""
@@ -99,7 +65,7 @@ def lipschitz_rows(system: SequenceSystem, value: torch.Tensor) -> torch.Tensor:
 
 # -- (a) finite termination ----------------------------------------------------------------------
 @SETTINGS
-@given(system=systems(), data=st.data())
+@given(system=solver_systems(), data=st.data())
 def test_finite_termination(system, data):
     """After k Jacobi sweeps from S⁰ = 0 the first k positions are exact, whatever the weights."""
     steps = system.seq_len
@@ -129,7 +95,7 @@ def test_finite_termination(system, data):
 
 
 @SETTINGS
-@given(system=systems(max_len=20))
+@given(system=solver_systems(max_len=20))
 def test_t_sweeps_are_exact_for_any_scale(system):
     """F^T(0) is the sequential solution: every position, including the last."""
     iterate = torch.zeros(system.state_shape, dtype=system.initial_state.dtype)
@@ -143,7 +109,7 @@ def test_t_sweeps_are_exact_for_any_scale(system):
 # -- (b) every solver terminates in ≤ T iterations and converges ---------------------------------
 @SETTINGS
 @given(
-    system=systems(min_scale=0.5, max_scale=4.0, max_len=48, dtypes=(torch.float64, torch.float32)),
+    system=solver_systems(min_scale=0.5, max_scale=4.0, max_len=48, dtypes=(torch.float64, torch.float32)),
     name=st.sampled_from(sorted(SOLVER_CHOICES)),
 )
 def test_every_solver_terminates_within_t(system, name):
@@ -182,7 +148,7 @@ def test_picard_is_slow_but_bounded_at_scale_4():
 
 # -- (c) residual history --------------------------------------------------------------------------
 @SETTINGS
-@given(system=systems(max_scale=3.0), name=st.sampled_from(sorted(SOLVER_CHOICES)))
+@given(system=solver_systems(max_scale=3.0), name=st.sampled_from(sorted(SOLVER_CHOICES)))
 def test_residual_history(system, name):
     if name == "sequential":  # direct solves have no residual history (tested separately)
         assert solve(system, Sequential()).stats.residual_history.shape == (0, system.batch)
@@ -221,7 +187,7 @@ TOLERANCES = [(None, None), (1e-6, 1e-6), (1e-8, 1e-10), (1e-4, 1e-9)]
 
 @SETTINGS
 @given(
-    system=systems(max_scale=2.0, min_len=30, max_len=150),
+    system=solver_systems(max_scale=2.0, min_len=30, max_len=150),
     name=st.sampled_from(["picard", "picard-damped", "anderson", "anderson-m2-mix"]),
     tolerances=st.sampled_from(TOLERANCES),
 )
@@ -276,7 +242,7 @@ def test_loose_tolerance_is_honoured_and_not_exceeded_much(kind, nonlinearity):
 
 # -- (e) callback ------------------------------------------------------------------------------------
 @SETTINGS
-@given(system=systems(max_scale=3.0), name=st.sampled_from(sorted(SOLVER_CHOICES)))
+@given(system=solver_systems(max_scale=3.0), name=st.sampled_from(sorted(SOLVER_CHOICES)))
 def test_callback_once_per_iteration(system, name):
     calls = []
 
@@ -311,7 +277,7 @@ def test_network_callback_per_layer_and_direction():
 # -- (f) Anderson's safeguard counters ------------------------------------------------------------
 @SETTINGS
 @given(
-    system=systems(max_scale=4.0, max_len=60),
+    system=solver_systems(max_scale=4.0, max_len=60),
     memory=st.integers(1, 6),
     mixing=st.sampled_from([1.0, 0.5]),
     growth=st.sampled_from([1.0, 2.0, 1e6]),
@@ -396,7 +362,7 @@ def test_atol_zero_with_exact_zeros(solver):
 
 # -- the observed rate ---------------------------------------------------------------------------------
 @SETTINGS
-@given(system=systems(min_scale=0.5, max_scale=1.5, min_len=20, max_len=80))
+@given(system=solver_systems(min_scale=0.5, max_scale=1.5, min_len=20, max_len=80))
 def test_observed_rate(system):
     """``rate`` is the geometric mean of the last ≤ 5 ratios of the batch-wide max |F(X) − X|."""
     solution = solve(system, Picard())

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import randn
+from helpers import randn
 from fixedpoint.scan import linear_recurrence_sequential, linear_recurrence_torch
 
 pytest.importorskip("triton", reason="needs the gpu extra (triton)")

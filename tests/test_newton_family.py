@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CELL_IDS, CELLS, randn
+from helpers import CELL_IDS, CELLS, randn
 from fixedpoint import (
     Auto, ElmanCell, InputError, Network, Newton, Picard, QuasiNewton, Sequential, SequenceSystem, solve, solve_network,
 )

@@ -20,7 +20,7 @@ from fixedpoint.network import Network
 from fixedpoint.scan import linear_recurrence_sequential
 from fixedpoint.solvers import SOLVERS
 from fixedpoint.system import SequenceSystem
-from tests.conftest import BOUNDS, CELL_IDS, CELLS, randn
+from helpers import BOUNDS, CELL_IDS, CELLS, randn
 
 MODULES = {"elman": (nn.RNN, fnn.RNN), "gru": (nn.GRU, fnn.GRU), "lstm": (nn.LSTM, fnn.LSTM)}
 
@@ -45,7 +45,7 @@ def make_pair(
     return reference, solved_type.from_torch(reference, **options)
 
 
-def make_hx(reference: nn.RNNBase, batch: int, seed: int) -> Tensor | tuple[Tensor, Tensor]:
+def torch_hx(reference: nn.RNNBase, batch: int, seed: int) -> Tensor | tuple[Tensor, Tensor]:
     shape = (reference.num_layers * (2 if reference.bidirectional else 1), batch, reference.hidden_size)
     dtype = reference.weight_hh_l0.dtype
     h0 = (0.5 * randn(*shape, seed=seed, dtype=dtype)).requires_grad_()
@@ -77,7 +77,7 @@ def assert_matches_torch(
     dtype = reference.weight_hh_l0.dtype
     shape = (batch, steps, reference.input_size) if reference.batch_first else (steps, batch, reference.input_size)
     inputs = randn(*shape, seed=seed, dtype=dtype).requires_grad_()
-    hx = make_hx(reference, batch, seed + 1) if with_hx else None
+    hx = torch_hx(reference, batch, seed + 1) if with_hx else None
     expected_out, expected_grads = forward_and_gradients(reference, inputs, hx)
     got_out, got_grads = forward_and_gradients(solved, inputs, hx)
     bound = BOUNDS[dtype]
@@ -135,7 +135,7 @@ def test_float32_matches_torch(cell):
 def test_unbatched_input_as_torch(kind):
     reference, solved = make_pair(kind, num_layers=2, bidirectional=True, solver="newton")
     inputs = randn(6, 3, seed=2).requires_grad_()
-    hx = make_hx(reference, 1, 3)
+    hx = torch_hx(reference, 1, 3)
     hx = tuple(h[:, 0].detach().requires_grad_() for h in hx) if isinstance(hx, tuple) else hx[:, 0].detach().requires_grad_()
     expected_out, expected_grads = forward_and_gradients(reference, inputs, hx)
     got_out, got_grads = forward_and_gradients(solved, inputs, hx)
@@ -195,7 +195,7 @@ def test_gradcheck_projected_lstm_layer(adjoint):
 def test_gradcheck_module(kind):
     _, solved = make_pair(kind, num_layers=2, bidirectional=True, batch_first=True, hidden_size=3, solver="quasi-newton")
     inputs = randn(2, 4, 3, seed=5).requires_grad_()
-    hx = make_hx(solved, 2, 6)
+    hx = torch_hx(solved, 2, 6)
 
     def run(x, *states):
         return tuple(outputs_of(solved(x, states if kind == "lstm" else states[0])))
@@ -417,7 +417,7 @@ def raised(function) -> BaseException:
 def test_bad_input_is_rejected_as_torch_rejects_it(kind, case):
     reference, solved = make_pair(kind, num_layers=2)
     inputs = randn(5, 3, 3, seed=1)
-    hx = make_hx(reference, 3, 2)
+    hx = torch_hx(reference, 3, 2)
     lstm = kind == "lstm"
 
     def reshape(function):
@@ -735,7 +735,7 @@ def test_autocast_does_not_change_the_solve():
 def test_final_states_are_contiguous_and_lstm_takes_a_list():
     reference, solved = make_pair("lstm", num_layers=2)
     x = randn(5, 2, 3, seed=1)
-    hx = make_hx(reference, 2, 2)
+    hx = torch_hx(reference, 2, 2)
     _, (h_n, c_n) = solved(x, list(hx))
     _, (h_ref, c_ref) = reference(x, list(hx))
     assert h_n.is_contiguous() and c_n.is_contiguous()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import CELL_IDS, CELLS, randn
+from helpers import CELL_IDS, CELLS, randn
 from fixedpoint import InputError, Network, Picard, SequenceSystem, solve
 from fixedpoint.cells import ElmanCell
 from fixedpoint import compare

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import randn
+from helpers import randn
 from fixedpoint import ElmanCell, InputError, Network, Newton, Picard, SequenceSystem, solve
 from fixedpoint.scan import linear_recurrence, linear_recurrence_sequential, regularized_recurrence
 

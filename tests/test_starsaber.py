@@ -11,7 +11,7 @@ from fixedpoint import InputError, Network
 from fixedpoint.baselines import ReZero, Transformer
 from fixedpoint.starsaber import StarSaber
 from fixedpoint.system import SequenceSystem
-from tests.conftest import randn
+from helpers import randn
 
 TEACHERS = [("elman", "tanh"), ("elman", "relu"), ("gru", "tanh")]
 
