@@ -612,7 +612,7 @@ def plot_trained_networks(data: Mapping[str, Any], path: str | os.PathLike) -> F
         count_axis.set_ylabel("iterations (hatched: not converged)")
         count_axis.legend(fontsize=7, loc="lower left")
     meta = data.get("meta", {})
-    figure.suptitle(f"Trained networks on synthesised speech; {meta.get('platform', 'CPU')}, {meta.get('date', '')[:10]}",
+    figure.suptitle(f"Trained networks on real inputs (speech, word lists); {meta.get('platform', 'CPU')}, {meta.get('date', '')[:10]}",
                     fontsize=9)
     _save(figure, path)
     return figure
