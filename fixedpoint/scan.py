@@ -256,7 +256,7 @@ def _odd_even_differentiable(transitions: Tensor, values: Tensor, first: Tensor,
     return torch.cat((interleaved, even[pairs:])) if steps % 2 else interleaved
 
 
-# -- the regularised (Levenberg–Marquardt) step: a Kalman smoother ---------------------------------
+# -- the regularised (Levenberg–Marquardt) step: a Kalman smoother and block cyclic reduction -----
 def _unit_blocks(transitions: Tensor, values: Tensor, structure: Structure) -> tuple[Tensor, Tensor]:
     """``A`` as ``(n, B, G, k, k)`` blocks and ``b`` as ``(n, B, G, k)``: ``G = S, k = 1``
     (diagonal), ``G = S/2, k = 2`` (block2, pairs ``(y_j, y_{j+S/2})``), ``G = 1, k = S`` (dense)."""
@@ -277,17 +277,13 @@ def _from_unit_blocks(blocks: Tensor, structure: Structure) -> Tensor:
     return blocks[:, :, 0]
 
 
-def regularized_recurrence(transitions: Tensor, values: Tensor, regularization: Tensor) -> Tensor:
-    """``argmin_y Σ_t ‖y_t − A_t y_{t−1} − b_t‖² + λ_b Σ_t ‖y_t‖²`` with ``y_0 = 0``: ``(T, B, S)``.
+def regularized_recurrence_sequential(transitions: Tensor, values: Tensor, regularization: Tensor) -> Tensor:
+    """Reference of :func:`regularized_recurrence`, with its signature: ELK's Kalman filter and
+    Rauch–Tung–Striebel smoother (Gonzalez et al., 2024), sequential over ``T``.
 
-    With ``λ = 0`` this is the recurrence ``y_t = A_t y_{t−1} + b_t`` (:func:`linear_recurrence`);
-    with ``λ > 0`` it is the Levenberg–Marquardt step of the Newton family, as ELK (Gonzalez et
-    al., 2024) computes it: the posterior mean of the linear-Gaussian model ``y_t = A_t y_{t−1} +
-    b_t + w_t``, ``w_t ~ N(0, I)``, observed as ``0 = y_t + v_t``, ``v_t ~ N(0, I/λ)``, by a
-    Kalman filter and a Rauch–Tung–Striebel smoother.  ``A`` has any structure of this module
-    (the covariances share it: per unit for diagonal and 2×2 blocks, dense otherwise);
-    ``regularization`` is ``λ (B,)``, one per sample, ``≥ 0``.  Sequential over ``T`` (a parallel
-    form exists, Särkkä & García-Fernández 2021; not built).
+    The step is the posterior mean of the linear-Gaussian model ``y_t = A_t y_{t−1} + b_t + w_t``,
+    ``w_t ~ N(0, I)``, observed as ``0 = y_t + v_t``, ``v_t ~ N(0, I/λ)``.  The covariances share
+    ``A``'s structure (per unit for diagonal and 2×2 blocks, dense otherwise).
     """
     structure = structure_of(transitions, values)
     if tuple(regularization.shape) != (values.shape[1],):
@@ -321,3 +317,112 @@ def regularized_recurrence(transitions: Tensor, values: Tensor, regularization: 
         correction = (gain @ (smoothed[-1] - predicted_means[t + 1]).unsqueeze(-1)).squeeze(-1)
         smoothed.append(means[t] + correction)
     return _from_unit_blocks(torch.stack(smoothed[::-1]), structure)
+
+
+def regularized_recurrence(transitions: Tensor, values: Tensor, regularization: Tensor) -> Tensor:
+    """``argmin_y Σ_t ‖y_t − A_t y_{t−1} − b_t‖² + λ_b Σ_t ‖y_t‖²`` with ``y_0 = 0``: ``(T, B, S)``.
+
+    With ``λ = 0`` this is the recurrence ``y_t = A_t y_{t−1} + b_t`` (:func:`linear_recurrence`);
+    with ``λ > 0`` it is the Levenberg–Marquardt step of the Newton family, which ELK computes by
+    a Kalman smoother (:func:`regularized_recurrence_sequential`, the reference).  ``A`` has any
+    structure of this module; ``regularization`` is ``λ (B,)``, one per sample, ``≥ 0``.
+
+    Parallel over time: the minimiser solves the normal equations, a block-tridiagonal system that
+    is symmetric positive definite for ``λ > 0`` (blocks per unit for diagonal and 2×2 ``A``,
+    ``S × S`` for dense), and block cyclic reduction solves it in ``⌈log₂ T⌉`` levels of batched
+    ``k × k`` solves.  Cyclic reduction is block Cholesky in odd–even order, so it is as stable
+    as Cholesky on an SPD matrix.  Samples with ``λ = 0`` take the recurrence itself, whose
+    accuracy the normal equations (conditioning squared) would lose.
+    """
+    structure = structure_of(transitions, values)
+    if tuple(regularization.shape) != (values.shape[1],):
+        raise InputError(f"regularization must have shape (B,) = ({values.shape[1]},), got {tuple(regularization.shape)}")
+    blocks, forcing = _unit_blocks(transitions, values, structure)  # (n, B, G, k, k), (n, B, G, k)
+    size = blocks.shape[-1]
+    identity = torch.eye(size, dtype=values.dtype, device=values.device)
+    later = blocks[1:]  # A_{t+1} for t = 0 … n−2: the coupling of y_t into the next residual
+    gram = later.mT @ later
+    diagonal = (1 + regularization).view(1, -1, 1, 1, 1) * identity
+    diagonal = diagonal.expand_as(blocks).clone()
+    diagonal[:-1] += gram
+    lower = -blocks.clone()  # row t's coupling to y_{t−1}; y_{−1} = 0, so none in row 0
+    lower[0] = 0
+    right = forcing.clone()
+    right[:-1] -= (later.mT @ forcing[1:].unsqueeze(-1)).squeeze(-1)
+    solved = _from_unit_blocks(_cyclic_reduction(diagonal, lower, right), structure)
+    exact = regularization == 0
+    if bool(exact.any()):
+        recurrence = linear_recurrence(transitions, values, torch.zeros_like(values[0]))
+        solved = torch.where(exact[None, :, None], recurrence, solved)
+    return solved
+
+
+def _cyclic_reduction(diagonal: Tensor, lower: Tensor, right: Tensor) -> Tensor:
+    """Solve the symmetric block-tridiagonal system with diagonal blocks ``D_t``, sub-diagonal
+    blocks ``L_t`` (row ``t``, column ``t − 1``; ``L_0`` unused) and super-diagonal ``L_{t+1}ᵀ``:
+    ``(n, …, k, k)``, ``(n, …, k, k)``, right-hand side ``(n, …, k)`` → ``(n, …, k)``.
+
+    Each level eliminates the odd positions: ``y_o = D_o⁻¹ (c_o − L_o y_{o−1} − L_{o+1}ᵀ y_{o+1})``
+    substituted into the even rows leaves a system of the same form on the even positions, half
+    as long; the odd ones follow from it."""
+    steps = diagonal.shape[0]
+    if steps == 1:
+        return _solve_blocks(diagonal[0], right[0].unsqueeze(-1)).squeeze(-1).unsqueeze(0)
+    upper = torch.cat((lower[1:].mT, torch.zeros_like(lower[:1])))  # row t's coupling to y_{t+1}
+    odd = slice(1, steps, 2)
+    # D_o⁻¹ [L_o, U_o, c_o] in one batched solve.
+    k = diagonal.shape[-1]
+    joint = _solve_blocks(diagonal[odd], torch.cat((lower[odd], upper[odd], right[odd].unsqueeze(-1)), dim=-1))
+    to_lower, to_upper, to_right = joint[..., :k], joint[..., k : 2 * k], joint[..., 2 * k]
+    even_lower, even_upper = lower[0::2], upper[0::2]
+    evens, odds = even_lower.shape[0], to_lower.shape[0]
+    # Even row j = 2m reads odd position m − 1 on its left (m ≥ 1) and odd position m on its right (m < odds).
+    left = slice(1, evens)
+    right_of = slice(0, odds)
+    reduced_diagonal = diagonal[0::2].clone()
+    reduced_diagonal[left] -= _product(even_lower[left], to_upper[: evens - 1])
+    reduced_diagonal[right_of] -= _product(even_upper[right_of], to_lower)
+    reduced_lower = torch.zeros_like(even_lower)
+    reduced_lower[left] = -_product(even_lower[left], to_lower[: evens - 1])
+    reduced_right = right[0::2].clone()
+    reduced_right[left] -= _product(even_lower[left], to_right[: evens - 1].unsqueeze(-1)).squeeze(-1)
+    reduced_right[right_of] -= _product(even_upper[right_of], to_right.unsqueeze(-1)).squeeze(-1)
+    even_solution = _cyclic_reduction(reduced_diagonal, reduced_lower, reduced_right)
+    # Odd position m (row 2m + 1) reads even m on its left and even m + 1 on its right (if any).
+    odd_solution = to_right - _product(to_lower, even_solution[:odds].unsqueeze(-1)).squeeze(-1)
+    beyond = min(odds, evens - 1)
+    odd_solution[:beyond] -= _product(to_upper[:beyond], even_solution[1 : beyond + 1].unsqueeze(-1)).squeeze(-1)
+    out = torch.empty_like(right)
+    out[0::2], out[1::2] = even_solution, odd_solution
+    return out
+
+
+def _product(left: Tensor, right: Tensor) -> Tensor:
+    """``left @ right`` for batches of ``k × k`` blocks ``left`` and ``k × m`` ``right``; for
+    ``k = 1, 2`` in element-wise operations over the whole batch (a batched product of tiny
+    matrices costs far more than its arithmetic)."""
+    size = left.shape[-1]
+    if size == 1:
+        return left * right
+    if size == 2:
+        top, bottom = right[..., 0:1, :], right[..., 1:2, :]
+        return left[..., :, 0:1] * top + left[..., :, 1:2] * bottom
+    return left @ right
+
+
+def _solve_blocks(blocks: Tensor, right: Tensor) -> Tensor:
+    """``blocks⁻¹ right`` for SPD ``k × k`` blocks: a division for ``k = 1``, the adjugate for
+    ``k = 2`` (the per-unit cases, where a batched factorisation per block costs far more than the
+    arithmetic), a batched solve otherwise."""
+    size = blocks.shape[-1]
+    if size == 1:
+        return right / blocks
+    if size == 2:
+        a, b, c, d = blocks[..., 0, 0], blocks[..., 0, 1], blocks[..., 1, 0], blocks[..., 1, 1]
+        determinant = (a * d - b * c).unsqueeze(-1)
+        top, bottom = right[..., 0, :], right[..., 1, :]
+        first = d.unsqueeze(-1) * top - b.unsqueeze(-1) * bottom
+        second = a.unsqueeze(-1) * bottom - c.unsqueeze(-1) * top
+        return torch.stack((first, second), dim=-2) / determinant.unsqueeze(-1)
+    return torch.linalg.solve(blocks, right)
+

@@ -11,7 +11,7 @@ from helpers import CELL_IDS, CELLS, randn
 from fixedpoint import (
     Auto, ElmanCell, InputError, Network, Newton, Picard, QuasiNewton, Sequential, SequenceSystem, solve, solve_network,
 )
-from fixedpoint.solvers.newton import SEQUENTIAL_FROM
+from fixedpoint.solvers.newton import SEQUENTIAL_FROM, SMOOTHER_FROM
 
 
 def per_unit_part(full: torch.Tensor, kind: str) -> torch.Tensor:
@@ -283,9 +283,11 @@ def test_recurrence_auto_is_the_matrix_free_loop_for_large_full_jacobians_on_a_c
     assert QuasiNewton().resolved_recurrence(cpu, 4096) == "scan"
     assert Newton(recurrence="scan").resolved_recurrence(cpu, 4096) == "scan"
     assert QuasiNewton(recurrence="sequential").resolved_recurrence(cuda, 2) == "sequential"
-    assert Newton(damping="levenberg-marquardt").resolved_recurrence(cuda, 4096) == "sequential"  # its smoother
-    with pytest.raises(InputError, match="levenberg-marquardt solves its step by a sequential Kalman smoother"):
-        QuasiNewton(damping="levenberg-marquardt", recurrence="scan")
+    assert QuasiNewton(damping="levenberg-marquardt").resolved_recurrence(cpu, 4096) == "scan"  # cyclic reduction
+    assert Newton(damping="levenberg-marquardt").resolved_recurrence(cpu, SMOOTHER_FROM - 1) == "scan"
+    assert Newton(damping="levenberg-marquardt").resolved_recurrence(cpu, SMOOTHER_FROM) == "sequential"  # Kalman
+    assert Newton(damping="levenberg-marquardt").resolved_recurrence(cuda, 4096) == "scan"
+    assert Newton(damping="levenberg-marquardt", recurrence="sequential").resolved_recurrence(cpu, 4) == "sequential"
     network = Network.random("gru", 3, SEQUENTIAL_FROM, scale=2.0, seed=3)
     system = SequenceSystem.build(network.cells[0][0], randn(60, 2, 3, seed=4))
     exact = system.sequential()

@@ -9,7 +9,12 @@ from hypothesis import strategies as st
 
 from helpers import randn
 from fixedpoint import ElmanCell, InputError, Network, Newton, Picard, SequenceSystem, solve
-from fixedpoint.scan import linear_recurrence, linear_recurrence_sequential, regularized_recurrence
+from fixedpoint.scan import (
+    linear_recurrence,
+    linear_recurrence_sequential,
+    regularized_recurrence,
+    regularized_recurrence_sequential,
+)
 
 SHAPES = {
     "diagonal": lambda t, b, s: (t, b, s),
@@ -134,17 +139,20 @@ def _block_matrix(transitions: torch.Tensor, structure: str, t: int, b: int, siz
     return matrix
 
 
-@settings(max_examples=40, deadline=None)
-@given(steps=st.integers(1, 12), batch=st.integers(1, 3), half=st.integers(1, 3),
-       structure=st.sampled_from(sorted(SHAPES)), seed=st.integers(0, 2**31 - 1))
-def test_regularized_recurrence_solves_the_regularized_least_squares_problem(steps, batch, half, structure, seed):
-    """The Kalman smoother against the normal equations (JᵀJ + λI) y = Jᵀb of the stacked
-    problem, J the block-bidiagonal I − shift(A), for λ from 0 (then y is the recurrence) to 10."""
+@settings(max_examples=60, deadline=None)
+@given(steps=st.integers(1, 17), batch=st.integers(1, 3), half=st.integers(1, 3),
+       structure=st.sampled_from(sorted(SHAPES)), seed=st.integers(0, 2**31 - 1),
+       parallel=st.booleans())
+def test_regularized_recurrence_solves_the_regularized_least_squares_problem(steps, batch, half, structure, seed, parallel):
+    """Cyclic reduction and its reference, the Kalman smoother, against the normal equations
+    (JᵀJ + λI) y = Jᵀb of the stacked problem, J the block-bidiagonal I − shift(A), for λ from 0
+    (then y is the recurrence) to 10."""
     size = 2 * half
     transitions = 0.5 * randn(*SHAPES[structure](steps, batch, size), seed=seed)
     values = randn(steps, batch, size, seed=seed + 1)
     regularization = torch.tensor([0.0, 0.3, 10.0][:batch], dtype=torch.float64)
-    got = regularized_recurrence(transitions, values, regularization)
+    method = regularized_recurrence if parallel else regularized_recurrence_sequential
+    got = method(transitions, values, regularization)
     for b in range(batch):
         stacked = torch.eye(steps * size, dtype=torch.float64)
         for t in range(1, steps):
@@ -155,19 +163,36 @@ def test_regularized_recurrence_solves_the_regularized_least_squares_problem(ste
     exact = linear_recurrence_sequential(transitions, values, torch.zeros_like(values[0]))
     assert float((got[:, 0] - exact[:, 0]).abs().max()) <= 1e-10 * (1 + float(exact.abs().max()))
     with pytest.raises(InputError, match="regularization must have shape"):
-        regularized_recurrence(transitions, values, torch.zeros(batch + 1, dtype=torch.float64))
+        method(transitions, values, torch.zeros(batch + 1, dtype=torch.float64))
 
 
+@settings(max_examples=40, deadline=None)
+@given(steps=st.integers(1, 70), structure=st.sampled_from(sorted(SHAPES)), seed=st.integers(0, 2**31 - 1),
+       scale=st.sampled_from([0.5, 1.0, 2.0]))
+def test_cyclic_reduction_agrees_with_the_kalman_smoother(steps, structure, seed, scale):
+    # Longer sequences than the dense check above, transitions up to expanding (|A| ≈ 2), λ > 0:
+    # several levels of the reduction, odd and even lengths.
+    size = 4
+    transitions = scale * randn(*SHAPES[structure](steps, 2, size), seed=seed) / (size if structure == "dense" else 1)
+    values = randn(steps, 2, size, seed=seed + 1)
+    regularization = torch.tensor([1e-3, 1.0], dtype=torch.float64)
+    fast = regularized_recurrence(transitions, values, regularization)
+    reference = regularized_recurrence_sequential(transitions, values, regularization)
+    assert float((fast - reference).abs().max()) <= 1e-8 * (1 + float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("recurrence", ["scan", "sequential"])
 @pytest.mark.parametrize("jacobian", ["full", "diagonal"])
 @pytest.mark.parametrize(("kind", "nonlinearity", "scale"), [("elman", "relu", 2.0), ("gru", "tanh", 5.0), ("lstm", "tanh", 4.0)])
-def test_levenberg_marquardt_never_raises_the_merit_of_its_window_and_is_exact(jacobian, kind, nonlinearity, scale):
+def test_levenberg_marquardt_never_raises_the_merit_of_its_window_and_is_exact(jacobian, kind, nonlinearity, scale, recurrence):
     """Twelve steps on the whole window from zero (no exact-prefix writes in between): the merit
     ½Σ‖F(Z) − Z‖² of each sample never grows — a sample keeps its iterate rather than take a worse
     one — unless the step meets the tolerance.  Then the driver's solve with it is the sequential
     solution."""
     network = Network.random(kind, 4, 6, nonlinearity=nonlinearity, scale=scale, seed=0)
     system = SequenceSystem.build(network.cells[0][0], randn(60, 3, 4, seed=1))
-    solver = Newton(jacobian=jacobian, damping="levenberg-marquardt")
+    # recurrence: the step by cyclic reduction or by its reference, the Kalman smoother
+    solver = Newton(jacobian=jacobian, damping="levenberg-marquardt", recurrence=recurrence)
     iterate, state = solver.init(system, torch.zeros(system.state_shape, dtype=torch.float64))
     predecessor = system.initial_state
 

@@ -19,7 +19,8 @@ dense ``J_t`` that is ``O(T·B·S³)`` work and ``O(T·B·S²)`` memory, what a 
 ``"sequential"`` runs ``T`` dependent steps, for full Jacobians matrix-free with one product
 ``J_t v`` each (:meth:`~fixedpoint.cells.Cell.jacobian_product`, ``O(T·B·G·H²)`` work, no ``S×S``
 matrix).  ``"auto"`` takes the loop for full Jacobians on a CPU from ``S = 24`` states on
-(``SEQUENTIAL_FROM``; docs/newton.md §5 measures the crossover) and the scan everywhere else.
+(``SEQUENTIAL_FROM``; docs/newton.md §5 measures the crossover) and the scan everywhere else
+(Levenberg–Marquardt: below).
 
 Safe steps.  A sample whose Newton iterate is not finite, or (undamped) whose residual grew by
 more than ``max_residual_growth`` since the previous iteration (to more than ``atol``), takes the
@@ -31,15 +32,17 @@ is counted per sample in the statistics; nothing is clipped or replaced silently
 
 Levenberg–Marquardt.  With ``damping="levenberg-marquardt"`` the step minimises the linearised
 merit plus ``λ_b ‖δ‖²`` per sample, ``Σ_t ‖δ_t − A_t δ_{t−1} − r_t‖² + λ Σ_t ‖δ_t‖²``
-(:func:`~fixedpoint.scan.regularized_recurrence`, a Kalman smoother as in ELK): ``λ = 0`` is the
+(:func:`~fixedpoint.scan.regularized_recurrence`): ``λ = 0`` is the
 (quasi-)Newton step, a large ``λ`` a short step along the merit's descent direction, and every
 ``λ`` gives a descent direction.  A sample takes the step when it lowers the merit ``½ Σ_t ‖r_t‖²``
 (or meets the tolerance); otherwise ``λ`` grows fourfold (from at least ``regularization``) and
 the step is recomputed, at most ``max_backtracks`` times, after which the sample keeps its
 iterate: a step never raises the merit of its window.  After a taken step ``λ`` shrinks threefold
 when the merit fell by more than three quarters of the linear model's prediction and doubles when
-by less than a quarter (below ``1e-8`` it becomes 0, pure Newton).  The smoother is sequential
-over ``T`` here.
+by less than a quarter (below ``1e-8`` it becomes 0, pure Newton).  ``recurrence="scan"`` solves
+the step by block cyclic reduction, ``O(log T)`` levels; ``"sequential"`` by ELK's Kalman
+smoother, its reference; ``"auto"`` by cyclic reduction except for dense steps on a CPU from
+``S = 48`` (``SMOOTHER_FROM``) on, where the smoother is faster.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from fixedpoint.scan import (
     linear_recurrence,
     linear_recurrence_sequential,
     regularized_recurrence,
+    regularized_recurrence_sequential,
 )
 from fixedpoint.solvers.base import Solver, check_integer, check_number, counted
 from fixedpoint.system import SequenceSystem
@@ -79,6 +83,10 @@ MEMORY_FRACTION = 0.5
 #: matrix-free loop: below it the dense scan's ``S³`` work is smaller than the loop's per-position
 #: overhead (measured: docs/newton.md §5).
 SEQUENTIAL_FROM = 24
+#: State size from which ``recurrence="auto"`` computes a dense Levenberg–Marquardt step on a CPU by
+#: the Kalman smoother rather than by cyclic reduction, whose ``S×S`` solves carry more right-hand
+#: sides (measured: cyclic reduction 1.6× faster at ``S = 32``, the smoother 1.5× at ``S = 64``).
+SMOOTHER_FROM = 48
 #: Below this many positions per chunk a chunked dense scan is a slow sequential loop over
 #: chunks; the guard refuses instead and names the cheaper solver.
 MIN_CHUNK = 32
@@ -131,7 +139,8 @@ class Newton(Solver):
         recurrence: how a step's linear recurrence is solved: ``"scan"`` (parallel),
             ``"sequential"`` (one position after another; matrix-free for full Jacobians) or
             ``"auto"`` (default: sequential for full Jacobians on a CPU from ``S = 24`` on, the
-            scan otherwise).
+            scan otherwise).  Levenberg–Marquardt: cyclic reduction (``"scan"``) or the Kalman
+            smoother (``"sequential"``; ``"auto"`` for dense steps on a CPU from ``S = 48``).
         chunk: positions whose Jacobians (or, sequentially, their factors) are formed at once;
             ``None`` lets the memory guard decide (the whole window when it fits).
         memory_limit: bytes a full-Jacobian step may use; ``None``: half the free memory of the
@@ -162,11 +171,6 @@ class Newton(Solver):
             )
         if self.recurrence not in ("auto", "scan", "sequential"):
             raise InputError(f"recurrence must be 'auto', 'scan' or 'sequential', got {self.recurrence!r}")
-        if self.damping == "levenberg-marquardt" and self.recurrence == "scan":
-            raise InputError(
-                "levenberg-marquardt solves its step by a sequential Kalman smoother (no parallel form "
-                "is built); use recurrence='auto' or 'sequential', or damping='backtracking' for a scan"
-            )
         check_number("regularization", self.regularization, 0, low_open=True)
         check_integer("chunk", self.chunk, allow_none=True)
         check_integer("memory_limit", self.memory_limit, allow_none=True)
@@ -185,8 +189,9 @@ class Newton(Solver):
         module docstring)."""
         if self.recurrence != "auto":
             return self.recurrence
-        if self.damping == "levenberg-marquardt":
-            return "sequential"  # its smoother
+        if self.damping == "levenberg-marquardt":  # docs/newton.md §3
+            smoother = self.jacobian == "full" and device.type != "cuda" and state_size >= SMOOTHER_FROM
+            return "sequential" if smoother else "scan"
         loop = self.jacobian == "full" and device.type != "cuda" and state_size >= SEQUENTIAL_FROM
         return "sequential" if loop else "scan"
 
@@ -370,11 +375,12 @@ class Newton(Solver):
         previous, inputs, jacobian, structure = self._linearization(system, iterate, predecessor)
         transitions = state.terms[0] if state.terms is not None else jacobian(previous, inputs)
         merit = 0.5 * residual.square().sum(dim=(0, 2))  # (B,)
+        smoother = regularized_recurrence if state.recurrence == "scan" else regularized_recurrence_sequential
         regularization = state.regularization.clone()
         chosen = iterate.clone()
         pending = torch.ones_like(merit, dtype=torch.bool)
         for attempt in range(self.max_backtracks + 1):
-            step = regularized_recurrence(transitions, residual, regularization)
+            step = smoother(transitions, residual, regularization)
             trial = iterate + step
             trial_image = system.apply_window(trial, predecessor)
             trial_residual = trial_image - trial
