@@ -21,6 +21,7 @@ Picard iterate (damped or not) as well as the solution.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -538,6 +539,14 @@ def predicted_picard_iterations(bounds: StepBounds, atol: float, max_steps: int 
             break
         previous = current
     return predicted
+
+
+def certification(system: SequenceSystem, norm: Norm | None, atol: float) -> tuple[ContractionReport | None, float]:
+    """A solve's certification pass: :func:`analyze` in ``norm`` (``None``: no pass) and the
+    seconds it took, which a solve reports apart from its own wall time."""
+    started = time.perf_counter()
+    report = None if norm is None else analyze(system, check_norm(norm), atol=atol)
+    return report, time.perf_counter() - started
 
 
 def a_posteriori_error_bound(lipschitz: float, step: Tensor) -> Tensor | None:

@@ -50,7 +50,7 @@ from fixedpoint.lengths import check_lengths, last_states, padding_mask, reversa
 from fixedpoint.network import Network
 from fixedpoint.residual import StopTest
 from fixedpoint.runtime import synchronize, true_float32
-from fixedpoint.contraction import ContractionReport, Norm, a_posteriori_error_bound, analyze, check_norm, state_norms
+from fixedpoint.contraction import ContractionReport, Norm, a_posteriori_error_bound, certification, state_norms
 from fixedpoint.forward_error import correction_and_residual, scaled_size
 from fixedpoint.solvers import Picard, Solver
 from fixedpoint.solvers.base import DirectSolution, check_integer
@@ -287,26 +287,12 @@ def _solve(
     forward_error: ForwardError | None,
     check_every: int | None,
 ) -> Solution:
-    solver = Picard() if solver is None else solver
-    if not isinstance(solver, Solver):
-        raise InputError(f"solver must be a Solver configuration such as Picard(), got {solver!r}")
-    if forward_error not in (None, "refine", "estimate", "off"):
-        raise InputError(f"forward_error must be 'refine', 'estimate', 'off' or None, got {forward_error!r}")
-    steps, batch, _ = system.state_shape
-    if max_steps is None:
-        max_steps = steps
-    check_integer("max_steps", max_steps)
-    if initial_guess is not None:
-        check_floating("initial_guess", initial_guess)
-        if tuple(initial_guess.shape) != system.state_shape:
-            raise InputError(f"initial_guess must have shape {system.state_shape}, got {tuple(initial_guess.shape)}")
-        if initial_guess.dtype != system.initial_state.dtype or initial_guess.device != system.initial_state.device:
-            raise InputError("initial_guess must have the dtype and device of the system")
+    """Validate, certify (a pass of :mod:`fixedpoint.contraction`), then solve directly or by
+    the iteration loop, and finish both the same way (:func:`_finish`)."""
+    solver, max_steps = _checked_options(system, solver, initial_guess, max_steps, forward_error)
     device = system.initial_state.device
     rtol, atol = solver.tolerances(system.initial_state.dtype)
-    certify_started = time.perf_counter()
-    report = None if certify is None else analyze(system, check_norm(certify), atol=atol)
-    certify_time = time.perf_counter() - certify_started
+    report, certify_time = certification(system, certify, atol)
 
     synchronize(device)
     started = time.perf_counter()
@@ -324,6 +310,87 @@ def _solve(
     iterate, state = solver.init(system, iterate)
     # Certificates bound the step of the stopping iteration, which a deferred check would not keep.
     every = 1 if report is not None else resolve_check_every(check_every, device)
+    run = _iterate(system, solver, iterate, state, max_steps, callback, every, rtol, atol, report is not None)
+    forward = None
+    if (forward_error or "refine") != "off" and run.result is not Result.nonfinite:
+        refine = forward_error != "estimate" and run.result is Result.successful and run.exact_prefix < system.seq_len
+        forward = _estimate_forward_error(system, run.iterate, refine, rtol, atol, run.exact_prefix)
+    synchronize(device)
+    stats = _iteration_stats(run, solver, time.perf_counter() - started, rtol, atol, forward)
+    # The a-posteriori bound holds for the last step of iterates that stay where L was certified.
+    bound_step = None
+    certified_box = solver.stays_in_certified_box and initial_guess is None
+    if report is not None and certified_box and run.result is not Result.nonfinite:
+        bound_step = run.iterate.new_zeros(system.batch)
+        if run.last_difference is not None and run.exact_prefix < system.seq_len:
+            bound_step = state_norms(system.cell, run.last_difference, report.norm).amax(0)
+    return _finish(Solution(run.iterate, run.result, stats, system), forward, report, certify_time, bound_step, throw)
+
+
+def _checked_options(
+    system: SequenceSystem,
+    solver: Solver | None,
+    initial_guess: Tensor | None,
+    max_steps: int | None,
+    forward_error: ForwardError | None,
+) -> tuple[Solver, int]:
+    """The solver (Picard by default) and the iteration limit (default ``T``), or :class:`InputError`."""
+    solver = Picard() if solver is None else solver
+    if not isinstance(solver, Solver):
+        raise InputError(f"solver must be a Solver configuration such as Picard(), got {solver!r}")
+    if forward_error not in (None, "refine", "estimate", "off"):
+        raise InputError(f"forward_error must be 'refine', 'estimate', 'off' or None, got {forward_error!r}")
+    max_steps = system.seq_len if max_steps is None else max_steps
+    check_integer("max_steps", max_steps)
+    if initial_guess is not None:
+        check_floating("initial_guess", initial_guess)
+        if tuple(initial_guess.shape) != system.state_shape:
+            raise InputError(f"initial_guess must have shape {system.state_shape}, got {tuple(initial_guess.shape)}")
+        if initial_guess.dtype != system.initial_state.dtype or initial_guess.device != system.initial_state.device:
+            raise InputError("initial_guess must have the dtype and device of the system")
+    return solver, max_steps
+
+
+@dataclass
+class _Run:
+    """What the iteration loop leaves: the answer ``(T, B, S)`` (the last image ``F(X)``, or the
+    last finite iterate), how it ended, and what the statistics are made of."""
+
+    iterate: Tensor
+    result: Result
+    iterations: int
+    exact_prefix: int
+    scaled_history: list[Tensor]
+    abs_history: list[Tensor]
+    positions_evaluated: int
+    speculative: int
+    nonfinite_at: tuple[int, int] | None
+    #: ``|F(X) − X|`` on the active window at the stop, kept for a certificate's error bound.
+    last_difference: Tensor | None
+    state: Any
+    check_every: int
+
+
+def _iterate(
+    system: SequenceSystem,
+    solver: Solver,
+    iterate: Tensor,
+    state: Any,
+    max_steps: int,
+    callback: Callback | None,
+    every: int,
+    rtol: float,
+    atol: float,
+    keep_difference: bool,
+) -> _Run:
+    """The loop: evaluate ``F`` on the active window, decide the stop on the device, read the
+    decision every ``every`` iterations, step, and grow the exact prefix by one position.
+
+    Longer than the rest on purpose: the stop protocol (decided on the device, read late, the
+    answer frozen at the stop, the speculative iterations dropped) is one piece of state, and
+    splitting it would pass that state between functions."""
+    steps, batch, _ = system.state_shape
+    device = iterate.device
     prefix = 0  # exact prefix p: one more position after every step (finite termination)
     start = 0  # first evaluated position: p as of the last check (rows start … p − 1 are exact)
     # The first stop, decided on the device: iteration·4 + kind (1 converged, 2 non-finite);
@@ -348,7 +415,7 @@ def _solve(
             callback(iteration, iterate, image[exact:])
         finite = rows_finite.all()
         finite_rows.append((start, rows_finite))
-        if report is not None:  # the certificate bounds the error by the last step's norm
+        if keep_difference:  # the certificate bounds the error by the last step's norm
             last_difference = (image[exact:] - iterate[prefix:]).abs()
         scaled_history.append(scaled)
         abs_history.append(largest)
@@ -397,6 +464,7 @@ def _solve(
         if prefix == steps:  # every position exact
             result = Result.successful
             break
+    speculative = 0
     if stopped_at:
         # Iterations after the stop ran before the check read it: the statistics end at the stop.
         speculative = iteration - stopped_at
@@ -406,55 +474,65 @@ def _solve(
             scaled_history[-1] = abs_history[-1] = iterate.new_full((batch,), float("inf"))
         if speculative:
             last_difference = None
-    else:
-        speculative = 0
-    positions_evaluated = sum(evaluated)
-    forward = None
-    if (forward_error or "refine") != "off" and result is not Result.nonfinite:
-        refine = forward_error != "estimate" and result is Result.successful and prefix < steps
-        forward = _estimate_forward_error(system, iterate, refine, rtol, atol, prefix)
-    synchronize(iterate.device)
-    wall_time = time.perf_counter() - started
+    return _Run(iterate, result, iteration, prefix, scaled_history, abs_history, sum(evaluated), speculative,
+                nonfinite_at, last_difference, state, every)
 
-    if scaled_history:
-        residual_history = torch.stack(scaled_history)
-        abs_residual_history = torch.stack(abs_history)
+
+def _iteration_stats(
+    run: _Run, solver: Solver, wall_time: float, rtol: float, atol: float, forward: "_ForwardError | None"
+) -> Stats:
+    """The statistics of an iterative solve from what its loop left."""
+    batch, steps = run.iterate.shape[1], run.iterate.shape[0]
+    if run.scaled_history:
+        residual_history = torch.stack(run.scaled_history)
+        abs_residual_history = torch.stack(run.abs_history)
     else:
-        residual_history = iterate.new_zeros(0, batch)
-        abs_residual_history = iterate.new_zeros(0, batch)
-    final_residual = residual_history[-1] if scaled_history else iterate.new_full((batch,), float("inf"))
-    if result is Result.successful and prefix == steps:
+        residual_history = abs_residual_history = run.iterate.new_zeros(0, batch)
+    final_residual = residual_history[-1] if run.scaled_history else run.iterate.new_full((batch,), float("inf"))
+    if run.result is Result.successful and run.exact_prefix == steps:
         final_residual = torch.zeros_like(final_residual)
     if forward is not None and forward.residual is not None:
         final_residual = forward.residual.to(final_residual.dtype)
-    stats = Stats(
-        iterations=iteration,
+    return Stats(
+        iterations=run.iterations,
         residual=final_residual,
         residual_history=residual_history,
         max_abs_residual_history=abs_residual_history,
-        exact_prefix=prefix,
-        positions_evaluated=positions_evaluated,
+        exact_prefix=run.exact_prefix,
+        positions_evaluated=run.positions_evaluated,
         rate=_observed_rate(abs_residual_history),
         wall_time=wall_time,
         rtol=rtol,
         atol=atol,
-        solver={"method": solver.name, **solver.statistics(state)},
-        nonfinite_at=nonfinite_at,
-        check_every=every,
-        speculative_iterations=speculative,
+        solver={"method": solver.name, **solver.statistics(run.state)},
+        nonfinite_at=run.nonfinite_at,
+        check_every=run.check_every,
+        speculative_iterations=run.speculative,
     )
+
+
+def _finish(
+    solution: Solution,
+    forward: "_ForwardError | None",
+    report: ContractionReport | None,
+    certify_time: float,
+    bound_step: Tensor | None,
+    throw: bool,
+) -> Solution:
+    """What every solve does last, direct or iterative: attach the forward-error estimate and
+    the certificate (with the a-posteriori bound on ``bound_step (B,)``, the last step's size in
+    the certificate's norm, where one applies), and raise unless it succeeded when ``throw``."""
+    stats = solution.stats
     if forward is not None:
-        _attach_forward_error(stats, forward)
+        stats.forward_error_estimate = forward.estimate
+        stats.refinements = forward.refinements
+        stats.forward_error_time = forward.seconds
     if report is not None:
-        _attach_certificate(stats, report, certify_time)
-        # Picard iterates from zero stay in the box where L holds.
-        in_box = isinstance(solver, Picard) and initial_guess is None
-        if report.certified is not None and in_box and result is not Result.nonfinite:
-            step = iterate.new_zeros(batch)
-            if last_difference is not None and prefix < steps:
-                step = state_norms(system.cell, last_difference, report.norm).amax(0)
-            stats.error_bound = a_posteriori_error_bound(report.certified, step)
-    solution = Solution(iterate, result, stats, system)
+        stats.lipschitz_certified = report.certified
+        stats.predicted_iterations = report.predicted_iterations
+        stats.certify_time = certify_time
+        if report.certified is not None and bound_step is not None:
+            stats.error_bound = a_posteriori_error_bound(report.certified, bound_step)
     if throw and not solution.converged:
         raise NoConvergence(solution)
     return solution
@@ -501,18 +579,6 @@ def _estimate_forward_error(
     return _ForwardError(estimate.to(states.dtype), refinements, residual, time.perf_counter() - started)
 
 
-def _attach_forward_error(stats: Stats, forward: _ForwardError) -> None:
-    stats.forward_error_estimate = forward.estimate
-    stats.refinements = forward.refinements
-    stats.forward_error_time = forward.seconds
-
-
-def _attach_certificate(stats: Stats, report: ContractionReport, certify_time: float) -> None:
-    stats.lipschitz_certified = report.certified
-    stats.predicted_iterations = report.predicted_iterations
-    stats.certify_time = certify_time
-
-
 def _direct_solution(
     system: SequenceSystem,
     solver: Solver,
@@ -523,10 +589,10 @@ def _direct_solution(
     throw: bool,
     forward_error: ForwardError,
 ) -> Solution:
-    """Statistics for a solver that returned the solution without iterating: no evaluation of
-    ``F`` and no residual (0 iterations, empty histories), exact by construction unless the
-    recurrence itself overflowed (``nonfinite_at = (0, position)``); the forward error is
-    estimated (never refined: the answer is the recurrence's own) unless ``forward_error="off"``."""
+    """A solver that returned the solution without iterating: no evaluation of ``F`` and no
+    residual (0 iterations, empty histories), exact by construction unless the recurrence itself
+    overflowed (``nonfinite_at = (0, position)``); the forward error is estimated (never refined:
+    the answer is the recurrence's own) unless ``forward_error="off"``."""
     steps, batch, _ = system.state_shape
     states = direct.states if direct.states is not None else direct.hidden
     rtol, atol = solver.tolerances(states.dtype)
@@ -553,18 +619,14 @@ def _direct_solution(
         solver={"method": solver.name},
         nonfinite_at=nonfinite_at,
     )
-    if report is not None:
-        _attach_certificate(stats, report, certify_time)
-        if report.certified is not None and result is Result.successful:
-            stats.error_bound = states.new_zeros(batch)  # exact: no step left to bound
     solution = Solution(direct.states, result, stats, system, hidden=direct.hidden, final_state=direct.final)
+    forward = None
     if forward_error != "off" and result is Result.successful:
         forward = _estimate_forward_error(system, solution.value, False, rtol, atol)
-        _attach_forward_error(stats, forward)
         stats.wall_time += forward.seconds
-    if throw and not solution.converged:
-        raise NoConvergence(solution)
-    return solution
+    # Exact: no step is left for the a-posteriori bound to bound.
+    bound_step = states.new_zeros(batch) if result is Result.successful else None
+    return _finish(solution, forward, report, certify_time, bound_step, throw)
 
 
 def _observed_rate(abs_history: Tensor, window: int = 5) -> float | None:

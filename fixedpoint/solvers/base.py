@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from abc import ABC
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -87,6 +87,10 @@ class Solver(ABC):
 
     rtol: float | None = None
     atol: float | None = None
+    #: Whether iterates from zero stay in the state box where a certified contraction ``L``
+    #: holds, so that the a-posteriori bound ``L/(1−L)·‖F(X) − X‖`` applies to the last step
+    #: (Picard's do; a Newton or Anderson step can leave the box).
+    stays_in_certified_box: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for name in ("rtol", "atol"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -24,6 +24,7 @@ class Picard(Solver):
     """
 
     damping: float = 0.0
+    stays_in_certified_box: ClassVar[bool] = True  # a sweep maps the box into itself
 
     def __post_init__(self) -> None:
         super().__post_init__()
