@@ -73,7 +73,7 @@ def iteration_rows(device: torch.device, steps: int, batch: int, hidden: int) ->
 
         def quasi_newton_iteration() -> None:
             image, _ = solver.evaluate(system, states, 0, state, StopTest(*solver.tolerances(states.dtype)))
-            solver.step(states, image, state, system.initial_state)
+            solver.step(system, states, image, state, system.initial_state)
 
         iteration = seconds(device, quasi_newton_iteration)
         rows.append({"cell": kind, "sweep_seconds": sweep, "sweep_gb_per_s": moved / sweep / 1e9,

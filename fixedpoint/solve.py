@@ -446,7 +446,7 @@ def _iterate(
             break
         predecessor = system.initial_state if start == 0 else iterate[start - 1]
         active = None if checked else stop_code == NO_STOP
-        next_window, state = solver.step(iterate[start:], image, state, predecessor, active)
+        next_window, state = solver.step(system, iterate[start:], image, state, predecessor, active)
         next_window[:exact] = iterate[start:prefix]
         next_window[exact] = image[exact]  # exact: its predecessor was exact
         if checked:

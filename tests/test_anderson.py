@@ -28,12 +28,13 @@ def iterate(solver: Anderson | None, matrix: torch.Tensor, offsets: torch.Tensor
     exact = torch.linalg.solve(torch.eye(matrix.shape[0], dtype=matrix.dtype) - matrix, offsets[0].T).T[None]
     x = torch.zeros_like(offsets)
     state = None
+    system = type("System", (), {"batch": offsets.shape[1]})()  # all Anderson reads of a system
     if solver is not None:
-        _, state = solver.init(type("System", (), {"batch": offsets.shape[1]})(), x)
+        _, state = solver.init(system, x)
     errors = []
     for _ in range(steps):
         image = x @ matrix.T + offsets
-        x = image if solver is None else solver.step(x, image, state)[0]
+        x = image if solver is None else solver.step(system, x, image, state)[0]
         errors.append(float((x - exact).abs().max()))
     return errors, state
 

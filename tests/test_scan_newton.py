@@ -201,7 +201,7 @@ def test_levenberg_marquardt_never_raises_the_merit_of_its_window_and_is_exact(j
 
     for _ in range(12):
         before = merit(iterate)
-        iterate, state = solver.step(iterate, system.apply_window(iterate, predecessor), state, predecessor)
+        iterate, state = solver.step(system, iterate, system.apply_window(iterate, predecessor), state, predecessor)
         image = system.apply_window(iterate, predecessor)
         # a step that meets the tolerance is taken whatever its merit (rounding, once converged)
         within = ((image - iterate).abs() < 1e-12 + 1e-12 * image.abs()).flatten(2).all(2).all(0)

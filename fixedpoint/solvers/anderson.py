@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fixedpoint.solvers.base import Solver, check_integer, check_number, counted
+from fixedpoint.system import SequenceSystem
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Anderson(Solver):
 
     def step(
         self,
+        system: SequenceSystem,
         iterate: Tensor,
         image: Tensor,
         state: AndersonState,

@@ -90,7 +90,7 @@ class Auto(Solver):
             guess, state = quasi.init(system, torch.zeros(system.state_shape, dtype=system.inputs.dtype, device=device))
             rtol, atol = quasi.tolerances(guess.dtype)
             image, _ = quasi.evaluate(system, guess, 0, state, StopTest(rtol, atol))
-            quasi.step(guess, image, state, system.initial_state)
+            quasi.step(system, guess, image, state, system.initial_state)
 
         _, iteration_seconds = timed(one_iteration, device, warm=True)
         return quasi if expected * iteration_seconds < sequential_seconds else fused

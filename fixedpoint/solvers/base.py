@@ -131,13 +131,16 @@ class Solver(ABC):
 
     def step(
         self,
+        system: SequenceSystem,
         iterate: Tensor,
         image: Tensor,
         state: Any,
         predecessor: Tensor | None = None,
         active: Tensor | None = None,
     ) -> tuple[Tensor, Any]:
-        """Next iterate from ``X`` and ``G = F(X)`` on the active window ``(n, B, S)``.
+        """Next iterate from ``X`` and ``G = F(X)`` on the active window ``(n, B, S)`` of
+        ``system``'s iterate (the problem is passed to every step, as to :meth:`evaluate`; a
+        solver's state holds only what the solver itself accumulates).
 
         The window is the positions not yet known to be exact; it shrinks at the front as the
         exact prefix grows.  ``predecessor (B, S)`` is the exact state just before the window

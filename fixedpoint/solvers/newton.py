@@ -94,10 +94,9 @@ MIN_CHUNK = 32
 
 @dataclass
 class NewtonState:
-    """The system, the chunk length chosen by the memory guard, how the step's recurrence is
-    solved, and per-sample counters ``(B,)``."""
+    """The chunk length chosen by the memory guard, how the step's recurrence is solved, and
+    per-sample counters ``(B,)``."""
 
-    system: SequenceSystem
     chunk: int | None
     recurrence: Literal["scan", "sequential"]
     newton_steps: Tensor
@@ -222,7 +221,7 @@ class Newton(Solver):
         chunk = self.plan_chunk(system)
         zeros = torch.zeros(system.batch, dtype=torch.long, device=initial_guess.device)
         recurrence = self.resolved_recurrence(initial_guess.device, system.state_shape[2])
-        state = NewtonState(system, chunk, recurrence, zeros, zeros.clone(), zeros.clone())
+        state = NewtonState(chunk, recurrence, zeros, zeros.clone(), zeros.clone())
         if self.damping == "levenberg-marquardt":
             if chunk is not None:
                 raise InputError(
@@ -257,13 +256,13 @@ class Newton(Solver):
 
     def step(
         self,
+        system: SequenceSystem,
         iterate: Tensor,
         image: Tensor,
         state: NewtonState,
         predecessor: Tensor | None = None,
         active: Tensor | None = None,
     ) -> tuple[Tensor, NewtonState]:
-        system = state.system
         if predecessor is None:
             predecessor = system.initial_state
         largest, state.largest_residual = state.largest_residual, None

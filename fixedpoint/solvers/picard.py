@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from fixedpoint.solvers.base import Solver, check_number
+from fixedpoint.system import SequenceSystem
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Picard(Solver):
 
     def step(
         self,
+        system: SequenceSystem,
         iterate: Tensor,
         image: Tensor,
         state: Any,
