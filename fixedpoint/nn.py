@@ -17,7 +17,7 @@ vector–Jacobian product, never a pass back through the solver's iterations.  T
 ``"fused"``, where a forward pass that records gradients runs ``torch.nn``'s kernel under
 autograd (backpropagation through time by ``torch.nn`` itself, no iterations to pass back
 through); ``"auto"`` takes it on a CPU where it was measured faster, per cell, dtype and
-hidden size (:func:`backpropagates_fused_kernel`).
+hidden size (:class:`AdjointRecurrence`).
 
 Variable lengths.  A ``PackedSequence`` input is solved as its padded batch with each sample's
 system ending at its own length: positions are causal, so a sample's real positions never read
@@ -30,6 +30,7 @@ other; where ``"fused"`` backpropagation runs, ``torch.nn``'s own packed kernel 
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
@@ -74,26 +75,14 @@ RECURRENCE_UP_TO_HIDDEN: dict[tuple[str, torch.dtype], int] = {
 }
 
 
-def backpropagates_fused_kernel(
-    adjoint: ModuleAdjoint, solver: Solver, kind: str, inputs: Tensor, hidden_size: int
-) -> bool:
-    """Whether a forward pass that records gradients runs ``torch.nn``'s fused kernel under
-    autograd, so that the backward is ``torch.nn``'s own, instead of solving and keeping ``S*``
-    for the adjoint recurrence.
-
-    ``"auto"`` does so on a CPU, with ``solver`` ``"auto"`` or ``Sequential(kernel="fused")`` (whose
-    forward is that kernel there anyway), where that was measured faster than the recurrence:
-    for the float32 LSTM when oneDNN is available and enabled (torch runs its forward and
-    backward in oneDNN's fused kernel), and otherwise above :data:`RECURRENCE_UP_TO_HIDDEN`
-    (the recurrence's reverse step is a few small tensor operations whose fixed cost wins at
-    small ``H`` and loses at large).  A float32 LSTM without oneDNN runs ATen's generic kernel, as
-    float64 does, and takes float64's size.  On CUDA the adjoint recurrence stays (unmeasured:
-    docs/adjoint.md §5).
-    """
-    if adjoint == "fused":
-        return True
-    if adjoint != "auto" or inputs.device.type != "cpu" or not runs_fused_kernel(solver):
-        return False
+def _fused_backward_is_faster(kind: str, inputs: Tensor, hidden_size: int) -> bool:
+    """Whether ``torch.nn``'s backward through its fused kernel was measured faster than the
+    adjoint recurrence on a CPU for this cell, dtype and hidden size: for the float32 LSTM when
+    oneDNN is available and enabled (torch runs its forward and backward in oneDNN's fused
+    kernel), and otherwise above :data:`RECURRENCE_UP_TO_HIDDEN` (the recurrence's reverse step
+    is a few small tensor operations whose fixed cost wins at small ``H`` and loses at large).  A
+    float32 LSTM without oneDNN runs ATen's generic kernel, as float64 does, and takes float64's
+    size."""
     onednn = torch.backends.mkldnn.is_available() and bool(torch.backends.mkldnn.enabled)
     if kind == "lstm" and inputs.dtype == torch.float32:
         if onednn:
@@ -103,14 +92,61 @@ def backpropagates_fused_kernel(
     return limit is not None and hidden_size > limit
 
 
-def check_module_adjoint(adjoint: object, solver: Solver) -> None:
+class AdjointStrategy(ABC):
+    """How a module's backward pass runs, resolved once from its ``adjoint=`` and ``solver``
+    (:func:`adjoint_strategy`): the adjoint recurrence at the solution, or ``torch.nn``'s own
+    backward through its fused kernel."""
+
+    #: The method of the adjoint recurrence (:mod:`fixedpoint.adjoint`) when it runs.
+    method: AdjointMethod
+
+    @abstractmethod
+    def through_fused_kernel(self, kind: str, inputs: Tensor, hidden_size: int) -> bool:
+        """Whether a forward pass that records gradients runs ``torch.nn``'s fused kernel under
+        autograd, so that the backward is ``torch.nn``'s own, instead of solving and keeping
+        ``S*`` for the adjoint recurrence."""
+
+
+@dataclass(frozen=True)
+class AdjointRecurrence(AdjointStrategy):
+    """The adjoint recurrence by ``method``.  ``"auto"`` hands the backward to ``torch.nn``'s fused
+    kernel on a CPU where that was measured faster (:func:`_fused_backward_is_faster`) and the
+    forward is that kernel anyway (``fused_forward``: solver ``"auto"`` or
+    ``Sequential(kernel="fused")``).  On CUDA the recurrence stays (unmeasured: docs/adjoint.md §5)."""
+
+    method: AdjointMethod
+    fused_forward: bool
+
+    def through_fused_kernel(self, kind: str, inputs: Tensor, hidden_size: int) -> bool:
+        if self.method != "auto" or inputs.device.type != "cpu" or not self.fused_forward:
+            return False
+        return _fused_backward_is_faster(kind, inputs, hidden_size)
+
+
+@dataclass(frozen=True)
+class FusedKernelAdjoint(AdjointStrategy):
+    """``adjoint="fused"``: ``torch.nn``'s backward through its fused kernel, always.  Its forward
+    must be that kernel (checked when resolved)."""
+
+    method: AdjointMethod = "auto"  # no recurrence runs: without gradients there is no backward
+
+    def through_fused_kernel(self, kind: str, inputs: Tensor, hidden_size: int) -> bool:
+        return True
+
+
+def adjoint_strategy(adjoint: object, solver: Solver) -> AdjointStrategy:
+    """The strategy ``adjoint=`` stands for with ``solver``, or :class:`InputError`."""
     if adjoint not in MODULE_ADJOINTS:
         raise InputError(f"adjoint must be one of {', '.join(map(repr, MODULE_ADJOINTS))}, got {adjoint!r}")
-    if adjoint == "fused" and not runs_fused_kernel(solver):
+    fused_forward = runs_fused_kernel(solver)
+    if adjoint != "fused":
+        return AdjointRecurrence(adjoint, fused_forward)  # type: ignore[arg-type]
+    if not fused_forward:
         raise InputError(
             "adjoint='fused' backpropagates through torch.nn's fused kernel, so the forward pass must "
             f"run that kernel: use solver='auto' or Sequential(kernel='fused'), not {solver.name!r}"
         )
+    return FusedKernelAdjoint()
 
 
 @dataclass(frozen=True)
@@ -290,24 +326,31 @@ class _Solved:
     def _configure(self, solver: Solver | str | None, max_steps: int | None, adjoint: ModuleAdjoint) -> None:
         check_integer("max_steps", max_steps, allow_none=True)
         resolved = resolve_solver(solver)
-        check_module_adjoint(adjoint, resolved)
+        self._resolved_adjoint = ((adjoint, resolved), adjoint_strategy(adjoint, resolved))
         self.solver = resolved
         self.max_steps = max_steps
         self.adjoint = adjoint
 
+    def _adjoint_strategy(self) -> AdjointStrategy:
+        """The strategy of the current ``adjoint`` and ``solver``, resolved again only when one of
+        them was reassigned since (a user may set either attribute between calls)."""
+        key = (self.adjoint, self.solver)
+        resolved = self.__dict__.get("_resolved_adjoint")  # absent in a module pickled before it existed
+        if resolved is None or resolved[0] != key:
+            resolved = self._resolved_adjoint = (key, adjoint_strategy(self.adjoint, self.solver))
+        return resolved[1]
+
     def _layer_options(self) -> LayerOptions:
         nonlinearity = getattr(self, "nonlinearity", None) if self._kind == "elman" else None
-        # "fused" never reaches SolvedLayer's backward: with gradients recorded, forward takes
-        # _fused_layer instead; without, there is no backward.
-        adjoint: AdjointMethod = "auto" if self.adjoint == "fused" else self.adjoint
-        return LayerOptions(self._kind, nonlinearity, self.solver, self.max_steps, adjoint)
+        return LayerOptions(self._kind, nonlinearity, self.solver, self.max_steps, self._adjoint_strategy().method)
 
     def backward_method(self, input: Tensor) -> str:
         """What the backward of a forward on ``input`` runs: ``"fused"`` (``torch.nn``'s own) or
         the method of the adjoint recurrence that ``adjoint`` stands for on ``input``'s device."""
-        if backpropagates_fused_kernel(self.adjoint, self.solver, self._kind, input, self.hidden_size):
+        strategy = self._adjoint_strategy()
+        if strategy.through_fused_kernel(self._kind, input, self.hidden_size):
             return "fused"
-        return resolve_adjoint_method(self._layer_options().adjoint, input.device)
+        return resolve_adjoint_method(strategy.method, input.device)
 
     def extra_repr(self) -> str:
         return (
@@ -392,11 +435,9 @@ class _Solved:
         if not batched:
             input = input.unsqueeze(batch_axis)
         initial = self._initial_state(input, hx, batched, packed)
-        check_module_adjoint(self.adjoint, self.solver)  # the attributes may have been reassigned
+        strategy = self._adjoint_strategy()  # resolved again if the attributes were reassigned
         options = self._layer_options()
-        through_kernel = torch.is_grad_enabled() and backpropagates_fused_kernel(
-            self.adjoint, self.solver, self._kind, input, self.hidden_size
-        )
+        through_kernel = torch.is_grad_enabled() and strategy.through_fused_kernel(self._kind, input, self.hidden_size)
         if packed is not None and through_kernel:  # torch.nn's kernel and backward: its own packed path
             return self._torch_type.forward(self, packed, hx)  # type: ignore[arg-type]
         directions = 2 if self.bidirectional else 1

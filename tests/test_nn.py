@@ -825,3 +825,22 @@ def test_projected_lstm_checks_its_arguments_as_torch_nn_does():
                 module_type(4, 5, proj_size=bad)
             errors.append(str(caught.value))
         assert errors[0] == errors[1]
+
+
+def test_adjoint_strategy_is_resolved_once_per_configuration(monkeypatch):
+    calls = []
+    resolve = fnn.adjoint_strategy
+    monkeypatch.setattr(fnn, "adjoint_strategy", lambda *args: calls.append(args) or resolve(*args))
+    solved = fnn.GRU(3, 4, adjoint="fused")
+    assert isinstance(solved._adjoint_strategy(), fnn.FusedKernelAdjoint)
+    inputs = randn(5, 2, 3, seed=3, dtype=torch.float32)
+    for _ in range(3):
+        solved(inputs)
+    assert len(calls) == 1  # at construction; the forwards reuse it
+    solved.adjoint = "sequential"
+    solved(inputs)
+    assert len(calls) == 2
+    strategy = solved._adjoint_strategy()
+    assert strategy == fnn.AdjointRecurrence("sequential", fused_forward=True)
+    assert not strategy.through_fused_kernel("gru", inputs, 4)
+    assert solved.backward_method(inputs) == "sequential"
