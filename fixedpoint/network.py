@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from fixedpoint.cells import CELL_TYPES, SUPPORTED_DTYPES, Cell, ElmanCell
 from fixedpoint.errors import InputError
 from fixedpoint.files import load_torch_file
+from fixedpoint.stack import parameter_suffix
 
 TORCH_MODULES: dict[str, type[nn.RNNBase]] = {"elman": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 _KIND_OF_MODULE = {nn.RNN: "elman", nn.GRU: "gru", nn.LSTM: "lstm"}
@@ -182,8 +183,8 @@ class Network:
         layer = 0
         while f"weight_hh_l{layer}" in state_dict:
             directions = []
-            for suffix in ("", "_reverse"):
-                names = [f"{p}_l{layer}{suffix}" for p in cell_type.tensor_names]
+            for direction in range(2):
+                names = [f"{p}{parameter_suffix(layer, direction)}" for p in cell_type.tensor_names]
                 if names[1] not in state_dict:
                     continue
                 known.update(names)
@@ -205,7 +206,7 @@ class Network:
         out: dict[str, Tensor] = {}
         for layer_index, layer in enumerate(self.cells):
             for direction, cell in enumerate(layer):
-                suffix = f"_l{layer_index}" + ("_reverse" if direction else "")
+                suffix = parameter_suffix(layer_index, direction)
                 for name in cell.tensor_names:
                     value = getattr(cell, name)
                     if value is not None:

@@ -42,7 +42,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from fixedpoint.adjoint import ADJOINT_METHODS, AdjointMethod, adjoint_states, resolve_adjoint_method, solution_gradients
 from fixedpoint.cells import CELL_TYPES, Cell
 from fixedpoint.errors import InputError
-from fixedpoint.lengths import last_states, reversal_within, reversed_within
+from fixedpoint.lengths import last_states, reversal_within
+from fixedpoint.stack import parameter_suffix, run_stack
 from fixedpoint.runtime import true_float32
 from fixedpoint.solve import solve
 from fixedpoint.solvers import SOLVERS, Auto, Sequential, Solver
@@ -440,29 +441,24 @@ class _Solved:
         through_kernel = torch.is_grad_enabled() and strategy.through_fused_kernel(self._kind, input, self.hidden_size)
         if packed is not None and through_kernel:  # torch.nn's kernel and backward: its own packed path
             return self._torch_type.forward(self, packed, hx)  # type: ignore[arg-type]
-        directions = 2 if self.bidirectional else 1
-        layer_input = input.transpose(0, 1) if batch_first else input  # (T, B, ·)
-        reverse_order = None if lengths is None else reversal_within(lengths, layer_input.shape[0])
-        finals = []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                weights = [getattr(self, f"{name}{suffix}", None) for name in options.tensor_names]
-                sequence = reversed_within(layer_input, reverse_order) if direction else layer_input
-                state = initial[layer * directions + direction]
-                if through_kernel:
-                    hidden, final = _fused_layer(options, sequence, state, weights)
-                else:
-                    hidden, final = SolvedLayer.apply(options, torch.is_grad_enabled(), lengths, sequence, state, *weights)
-                outputs.append(reversed_within(hidden, reverse_order) if direction else hidden)
-                finals.append(final)
-            layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
-            if self.dropout and self.training and layer + 1 < self.num_layers:
-                # as torch.nn: between layers, drawn from the global generator
-                layer_input = functional.dropout(layer_input, self.dropout, training=True)
-        output = layer_input.transpose(0, 1) if batch_first else layer_input
-        final_states = torch.stack(finals)  # (L·D, B, S)
+        sequence = input.transpose(0, 1) if batch_first else input  # (T, B, ·)
+        reverse_order = None if lengths is None else reversal_within(lengths, sequence.shape[0])
+
+        def solve_layer(layer: int, direction: int, layer_input: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+            suffix = parameter_suffix(layer, direction)
+            weights = [getattr(self, f"{name}{suffix}", None) for name in options.tensor_names]
+            if through_kernel:
+                return _fused_layer(options, layer_input, state, weights)
+            return SolvedLayer.apply(options, torch.is_grad_enabled(), lengths, layer_input, state, *weights)
+
+        between = None
+        if self.dropout and self.training:  # as torch.nn: between layers, drawn from the global generator
+            between = lambda outputs: functional.dropout(outputs, self.dropout, training=True)  # noqa: E731
+        layer_output, final_states = run_stack(
+            self.num_layers, 2 if self.bidirectional else 1, sequence, initial, solve_layer,
+            reverse_order=reverse_order, between_layers=between,
+        )  # (T, B, D·H), (L·D, B, S)
+        output = layer_output.transpose(0, 1) if batch_first else layer_output
         if packed is not None:
             output = _packed_like(packed, output)
         if not batched:

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from fixedpoint.cells import all_finite, check_floating
 from fixedpoint.errors import InputError, NoConvergence
-from fixedpoint.lengths import check_lengths, last_states, padding_mask, reversal_within, reversed_within
+from fixedpoint.lengths import check_lengths, last_states, padding_mask, reversal_within
 from fixedpoint.network import Network
 from fixedpoint.residual import StopTest
 from fixedpoint.runtime import synchronize, true_float32
@@ -54,6 +54,7 @@ from fixedpoint.contraction import ContractionReport, Norm, a_posteriori_error_b
 from fixedpoint.forward_error import correction_and_residual, scaled_size
 from fixedpoint.solvers import Picard, Solver
 from fixedpoint.solvers.base import DirectSolution, check_integer
+from fixedpoint.stack import run_stack
 from fixedpoint.system import SequenceSystem
 
 
@@ -722,33 +723,26 @@ def solve_network(
     reverse_order = None if lengths is None else reversal_within(lengths, sequence.shape[0])
     synchronize(sequence.device)
     started = time.perf_counter()
-    layers: list[list[Solution]] = []
-    finals: list[Tensor] = []
-    layer_input = sequence
-    for layer_index, layer in enumerate(network.cells):
-        solutions = []
-        outputs = []
-        for direction, cell in enumerate(layer):
-            index = layer_index * network.num_directions + direction
-            direction_input = reversed_within(layer_input, reverse_order) if direction else layer_input
-            system = SequenceSystem.build(cell, direction_input, initial[index], check_finite=False)  # checked above
-            hook = None
-            if callback is not None:
-                hook = lambda k, x, g, l=layer_index, d=direction: callback(l, d, k, x, g)  # noqa: E731
-            solution = solve(
-                system, solver, max_steps=max_steps, throw=throw, callback=hook, certify=certify,
-                forward_error=forward_error,
-            )
-            solutions.append(solution)
-            hidden = solution.hidden
-            outputs.append(reversed_within(hidden, reverse_order) if direction else hidden)
-            finals.append(solution.final_state if lengths is None else last_states(solution.value, lengths))
-        layers.append(solutions)
-        layer_input = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+    layers: list[list[Solution]] = [[] for _ in network.cells]
+
+    def solve_layer(layer: int, direction: int, layer_input: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        cell = network.cells[layer][direction]
+        system = SequenceSystem.build(cell, layer_input, state, check_finite=False)  # checked above
+        hook = None
+        if callback is not None:
+            hook = lambda k, x, g: callback(layer, direction, k, x, g)  # noqa: E731
+        solution = solve(
+            system, solver, max_steps=max_steps, throw=throw, callback=hook, certify=certify, forward_error=forward_error,
+        )
+        layers[layer].append(solution)
+        return solution.hidden, solution.final_state if lengths is None else last_states(solution.value, lengths)
+
+    layer_input, final_states = run_stack(
+        network.num_layers, network.num_directions, sequence, initial, solve_layer, reverse_order=reverse_order
+    )  # (T, B, D·H), (L·D, B, S)
     synchronize(sequence.device)
     # The certificates are analysis, not solving: their time is not the solve's.
     wall_time = time.perf_counter() - started - sum(s.stats.certify_time for layer in layers for s in layer)
-    final_states = torch.stack(finals)  # (L·D, B, S)
     hidden_size = network.output_size
     if lengths is not None:
         layer_input = layer_input * padding_mask(lengths, layer_input.shape[0])
