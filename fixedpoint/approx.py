@@ -237,6 +237,8 @@ def run_approx(cell: Cell, settings: ApproxSettings = ApproxSettings(), progress
     Returns one JSON-ready object: ``settings``, ``teacher`` (kind, sizes, certified ``L``) and
     ``results``, one :class:`DepthResult` per depth.
     """
+    # Long on purpose: one study in order (draw the data, solve the teacher, train a student per
+    # depth, the baselines), whose steps share the drawn data.
     check_teacher(cell)
     cell = cell.to(dtype=torch.float64)
     generator = torch.Generator().manual_seed(settings.seed)

@@ -142,6 +142,8 @@ def _compare(
     phase: Phase,
     lengths: Tensor | None,
 ) -> Comparison:
+    # Long on purpose: the warm-up, the timed repeats of both sides and the certificates share the
+    # network, inputs and reference module.
     phase("warming up")
     module = network.to_torch()
     warm_length = min(inputs.shape[1 if network.batch_first else 0], 8)

@@ -254,6 +254,7 @@ class Network:
         """``torch.nn``'s default initialisation, ``U(−1/√H, 1/√H)``, drawn from ``seed``,
         with every recurrent matrix ``W_hh`` multiplied by ``scale``.  ``proj_size = P > 0``
         (LSTM only, ``P < H``): projected outputs, with ``weight_hr (P, H)`` drawn last in each cell."""
+        # Long because of its torch.nn-style keyword arguments and their checks, not its logic.
         if kind not in CELL_TYPES:
             raise InputError(f"cell must be one of {sorted(CELL_TYPES)}, got {kind!r}")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):

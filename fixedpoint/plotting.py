@@ -249,6 +249,8 @@ def plot_contraction_rate(data: Mapping[str, Any], path: str | os.PathLike) -> F
     Returns:
         The figure (already saved).
     """
+    # Long on purpose: two rows of panels with their marks and legends; a figure reads best in one
+    # place.
     config = data["config"]
     panels = data["panels"]
     steps = config["seq_len"]

@@ -190,6 +190,8 @@ def predictability(
         window: span of :attr:`Predictability.max_window_growth`.
         seed: the random start vector.
     """
+    # Long mostly by its docstring; the body is a prefix solve, the growth rates, their statistics
+    # and the model's prediction, in order.
     check_integer("prefix", prefix)
     check_integer("window", window)
     steps = system.seq_len

@@ -712,6 +712,7 @@ def solve_network(
     The reverse direction is the same system on the time-reversed input.  Layer ``l + 1``
     takes the solved outputs of layer ``l``, so it starts only when layer ``l`` is done.
     """
+    # Long mostly by its docstring; the stack itself is run_stack's.
     check_floating("inputs", inputs)
     if inputs.dim() != 3:
         raise InputError(f"inputs must be 3-D, got shape {tuple(inputs.shape)}")
