@@ -40,7 +40,8 @@ from fixedpoint.forward_error import forward_error_estimate
 from fixedpoint.plotting import plot_trained_networks
 from fixedpoint.predictability import predictability
 from fixedpoint.runtime import timed
-from fixedpoint.solvers import Sequential
+from fixedpoint.solvers import Auto, Sequential
+from fixedpoint.solvers.auto import quasi_newton_pays
 from fixedpoint.trained import (
     SILERO_CHUNK, SILERO_RATE, G2pEnglish, G2pMandarin, SileroVAD, g2p_en_words, g2pm_words, package_file,
 )
@@ -151,9 +152,8 @@ def study(network_of, features: torch.Tensor, dtype: torch.dtype, budget: float)
     wide = SequenceSystem.build(cell.to(dtype=torch.float64), inputs.double())
     exact = wide.sequential()  # the float64 loop: the reference for every error here
     module = network.to_torch()
-    with torch.no_grad():
-        module(inputs)  # warm-up at full size: oneDNN prepares its kernel on the first call of a shape
-        (output, _), torch_seconds = timed(lambda: module(inputs), inputs.device, 5)
+    with torch.no_grad():  # warm: oneDNN prepares its kernel on the first call of a shape
+        (output, _), torch_seconds = timed(lambda: module(inputs), inputs.device, 5, warm=True)
     torch_states = system.states_from_hidden(output.detach())
     torch_error = float((torch_states.double() - exact).abs().max())
     torch_estimate = float(forward_error_estimate(system, torch_states).max())
@@ -217,14 +217,16 @@ def auto_on_gpu(problem: dict) -> tuple[str, str]:
     quasi-Newton count from a 256-step prefix, as ``predicted_prefix`` was."""
     steps = problem["seq_len"]
     expected = problem["predicted_prefix"]["quasi-newton"]
-    if steps <= 256:
-        return "cuDNN", f"T = {steps} ≤ 256: the sequential kernel without calibration"
-    # Quasi-Newton wins when expected · (iteration time) < T · (cuDNN's time per position).
-    most = steps * CUDNN_STEP_SECONDS[1] / (QUASI_NEWTON_LAUNCHES * LAUNCH_SECONDS[0])
-    least = steps * CUDNN_STEP_SECONDS[0] / (QUASI_NEWTON_LAUNCHES * LAUNCH_SECONDS[1])
-    if expected >= most:
+    calibration = Auto().calibration_steps
+    if steps <= calibration:
+        return "cuDNN", f"T = {steps} ≤ {calibration}: the sequential kernel without calibration"
+    # The rule at the ends of the ranges: the most and the least favourable to quasi-Newton.
+    fastest = QUASI_NEWTON_LAUNCHES * LAUNCH_SECONDS[0], steps * CUDNN_STEP_SECONDS[1]
+    slowest = QUASI_NEWTON_LAUNCHES * LAUNCH_SECONDS[1], steps * CUDNN_STEP_SECONDS[0]
+    most, least = fastest[1] / fastest[0], slowest[1] / slowest[0]  # break-even iteration counts
+    if not quasi_newton_pays(expected, *fastest):
         return "cuDNN", f"{expected} quasi-Newton iterations predicted; it pays only below {most:.0f}"
-    if expected < least:
+    if quasi_newton_pays(expected, *slowest):
         return "quasi-Newton", f"{expected} iterations predicted, under {least:.0f}"
     return "either (timing decides)", f"{expected} iterations predicted, between {least:.0f} and {most:.0f}"
 

@@ -240,6 +240,18 @@ class Cell(ABC):
         counterpart of :meth:`transposed_jacobian_product`, one product with ``W_hhᵀ``, the step
         of a linearised (tangent) recurrence such as the forward-error estimate's."""
 
+    def tangent_recurrence(self, factors: tuple[Tensor, ...], values: Tensor, initial: Tensor, out: Tensor) -> Tensor:
+        """``y_t = J_t y_{t−1} + b_t`` for the ``n`` positions of ``factors`` (from
+        :meth:`linearization`) and ``values b (n, B, S)``, from ``y_{−1} = initial (B, S)``, one
+        position after another with one :meth:`jacobian_product` each (no ``S×S`` matrix): the
+        loop of the forward-error estimate and of a matrix-free Newton step.  Writes ``y`` into
+        ``out (n, B, S)`` and returns its last row."""
+        state = initial
+        for t in range(values.shape[0]):
+            state = self.jacobian_product(tuple(f[t] for f in factors), state) + values[t]
+            out[t] = state
+        return state
+
     def hidden_of(self, state: Tensor) -> Tensor:
         """The output part ``h`` of a state ``(..., S) → (..., H)``."""
         return state

@@ -133,10 +133,8 @@ def correction_and_residual(
             if paired:
                 residual = _with_and_without_prefix(residual, exact_prefix - start)
                 piece = _twice(piece)
-            factors = piece.factors()
-            for t in range(piece.states.shape[0]):
-                delta = piece.cell.jacobian_product(tuple(f[t] for f in factors), delta) + residual[t]
-                both[start + t] = delta
+            rows_here = slice(start, start + piece.states.shape[0])
+            delta = piece.cell.tangent_recurrence(piece.factors(), residual, delta, both[rows_here])
     return _split(both, batch, residual_size)
 
 

@@ -341,9 +341,9 @@ class _Solved:
             resolved = self._resolved_adjoint = (key, adjoint_strategy(self.adjoint, self.solver))
         return resolved[1]
 
-    def _layer_options(self) -> LayerOptions:
+    def _layer_options(self, strategy: AdjointStrategy) -> LayerOptions:
         nonlinearity = getattr(self, "nonlinearity", None) if self._kind == "elman" else None
-        return LayerOptions(self._kind, nonlinearity, self.solver, self.max_steps, self._adjoint_strategy().method)
+        return LayerOptions(self._kind, nonlinearity, self.solver, self.max_steps, strategy.method)
 
     def backward_method(self, input: Tensor) -> str:
         """What the backward of a forward on ``input`` runs: ``"fused"`` (``torch.nn``'s own) or
@@ -437,7 +437,7 @@ class _Solved:
             input = input.unsqueeze(batch_axis)
         initial = self._initial_state(input, hx, batched, packed)
         strategy = self._adjoint_strategy()  # resolved again if the attributes were reassigned
-        options = self._layer_options()
+        options = self._layer_options(strategy)
         through_kernel = torch.is_grad_enabled() and strategy.through_fused_kernel(self._kind, input, self.hidden_size)
         if packed is not None and through_kernel:  # torch.nn's kernel and backward: its own packed path
             return self._torch_type.forward(self, packed, hx)  # type: ignore[arg-type]

@@ -277,6 +277,14 @@ def _from_unit_blocks(blocks: Tensor, structure: Structure) -> Tensor:
     return blocks[:, :, 0]
 
 
+def _regularized_structure(transitions: Tensor, values: Tensor, regularization: Tensor) -> Structure:
+    """The structure of ``A``, after checking that ``regularization`` is ``λ (B,)``."""
+    structure = structure_of(transitions, values)
+    if tuple(regularization.shape) != (values.shape[1],):
+        raise InputError(f"regularization must have shape (B,) = ({values.shape[1]},), got {tuple(regularization.shape)}")
+    return structure
+
+
 def regularized_recurrence_sequential(transitions: Tensor, values: Tensor, regularization: Tensor) -> Tensor:
     """Reference of :func:`regularized_recurrence`, with its signature: ELK's Kalman filter and
     Rauch–Tung–Striebel smoother (Gonzalez et al., 2024), sequential over ``T``.
@@ -285,9 +293,7 @@ def regularized_recurrence_sequential(transitions: Tensor, values: Tensor, regul
     ``w_t ~ N(0, I)``, observed as ``0 = y_t + v_t``, ``v_t ~ N(0, I/λ)``.  The covariances share
     ``A``'s structure (per unit for diagonal and 2×2 blocks, dense otherwise).
     """
-    structure = structure_of(transitions, values)
-    if tuple(regularization.shape) != (values.shape[1],):
-        raise InputError(f"regularization must have shape (B,) = ({values.shape[1]},), got {tuple(regularization.shape)}")
+    structure = _regularized_structure(transitions, values, regularization)
     blocks, forcing = _unit_blocks(transitions, values, structure)
     steps = values.shape[0]
     size = blocks.shape[-1]
@@ -334,9 +340,7 @@ def regularized_recurrence(transitions: Tensor, values: Tensor, regularization: 
     as Cholesky on an SPD matrix.  Samples with ``λ = 0`` take the recurrence itself, whose
     accuracy the normal equations (conditioning squared) would lose.
     """
-    structure = structure_of(transitions, values)
-    if tuple(regularization.shape) != (values.shape[1],):
-        raise InputError(f"regularization must have shape (B,) = ({values.shape[1]},), got {tuple(regularization.shape)}")
+    structure = _regularized_structure(transitions, values, regularization)
     blocks, forcing = _unit_blocks(transitions, values, structure)  # (n, B, G, k, k), (n, B, G, k)
     size = blocks.shape[-1]
     identity = torch.eye(size, dtype=values.dtype, device=values.device)

@@ -93,7 +93,13 @@ class Auto(Solver):
             quasi.step(system, guess, image, state, system.initial_state)
 
         _, iteration_seconds = timed(one_iteration, device, warm=True)
-        return quasi if expected * iteration_seconds < sequential_seconds else fused
+        return quasi if quasi_newton_pays(expected, iteration_seconds, sequential_seconds) else fused
+
+
+def quasi_newton_pays(expected_iterations: int, iteration_seconds: float, sequential_seconds: float) -> bool:
+    """``Auto``'s rule on CUDA: quasi-Newton when its expected iterations take less time than the
+    fused sequential kernel takes for the whole sequence."""
+    return expected_iterations * iteration_seconds < sequential_seconds
 
 
 #: Auto's choices: cache key → (a weak reference to the ``W_hh`` it was made for, solver name).

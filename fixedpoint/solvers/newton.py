@@ -423,20 +423,19 @@ class Newton(Solver):
 def _newton_point_matrix_free(
     system: SequenceSystem, iterate: Tensor, image: Tensor, previous: Tensor, inputs: Tensor, chunk: int
 ) -> Tensor:
-    """The full-Jacobian Newton point ``y_t = G_t + J_t (y_{t−1} − X_{t−1})`` one position after
-    another, each step one product ``J_t v`` from the cell's factors: no ``S×S`` matrix is formed.
-    ``chunk`` positions' factors are formed at once.  At the window's first position
-    ``y_{t−1} = X_{t−1}`` (the exact predecessor), so the loop starts from a zero offset."""
+    """The full-Jacobian Newton point ``Y = X + δ`` with ``δ_t = J_t δ_{t−1} + (G_t − X_t)``, the
+    tangent recurrence of the residual (:meth:`~fixedpoint.cells.Cell.tangent_recurrence`, as the
+    forward-error estimate runs it): no ``S×S`` matrix is formed.  ``chunk`` positions' factors
+    are formed at once.  At the window's first position ``Y = X`` before it (the exact
+    predecessor), so ``δ`` starts from 0."""
     cell = system.cell
-    out = torch.empty_like(image)
-    offset = torch.zeros_like(image[0])  # y_{t−1} − X_{t−1}
+    residual = image - iterate
+    offset = torch.empty_like(image)  # δ = Y − X
+    last = torch.zeros_like(image[0])
     for start in range(0, image.shape[0], chunk):
-        factors = cell.linearization(previous[start : start + chunk], inputs[start : start + chunk])
-        for t in range(factors[0].shape[0]):
-            point = image[start + t] + cell.jacobian_product(tuple(f[t] for f in factors), offset)
-            out[start + t] = point
-            offset = point - iterate[start + t]
-    return out
+        part = slice(start, start + chunk)
+        last = cell.tangent_recurrence(cell.linearization(previous[part], inputs[part]), residual[part], last, offset[part])
+    return iterate + offset
 
 
 def plan_dense_chunk(
